@@ -1,0 +1,219 @@
+"""Tokenize a whole Arena file into a TokenizedDataset, with an on-disk cache.
+
+Cache: one .npz (numpy arrays only, loaded with allow_pickle=False) per key, where the key is
+sha256(file bytes) + sha256(tokenizer files) + prompt settings (layout, max_length, template
+version/texts, swap, bad-row policy). Writes go to a temp file renamed into place, so a
+crashed or concurrent writer never leaves a half-written cache behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from trainer.data.ingest import ArenaRow, BadRow, DataError, IngestReport, RowPolicy, read_rows
+from trainer.data.prompt import LAYOUTS, PromptBuilder, load_tokenizer, template_key, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+DEFAULT_CACHE_DIR = Path(os.environ.get("ARENA_DATA_CACHE", Path.home() / ".cache" / "arena-trainer"))
+
+
+@dataclass
+class TokenizedDataset:
+    row_ids: np.ndarray  # [N] int64, or unicode when a file has non-integer ids
+    input_ids: np.ndarray  # [total tokens] int32, rows back to back
+    offsets: np.ndarray  # [N + 1] int64; row i is input_ids[offsets[i]:offsets[i+1]]
+    labels: np.ndarray | None  # [N, 3] float32; None for unlabelled (test) files
+    swapped: np.ndarray  # [N] bool: row rendered with A and B exchanged
+    report: IngestReport | None = None
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int32)
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self.input_ids[self.offsets[i]:self.offsets[i + 1]]
+
+    def label(self, i: int) -> np.ndarray | None:
+        return None if self.labels is None else self.labels[i]
+
+    @staticmethod
+    def concat(parts: Sequence["TokenizedDataset"]) -> "TokenizedDataset":
+        """E.g. original + swapped copy for A/B augmentation (rows keep their ids)."""
+        if len({p.labels is None for p in parts}) > 1:
+            raise ValueError("cannot concatenate labelled and unlabelled datasets")
+        starts = np.cumsum([0] + [len(p.input_ids) for p in parts[:-1]])
+        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts)])
+        return TokenizedDataset(
+            np.concatenate([p.row_ids for p in parts]),
+            np.concatenate([p.input_ids for p in parts]), offsets,
+            None if parts[0].labels is None else np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.swapped for p in parts]))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(path: str | Path, tokenizer_path: str | Path, max_length: int, prompt_layout: str,
+              swap_ab: bool, on_bad_row: str, template_key: str) -> str:
+    parts = {"format": CACHE_FORMAT, "file": _file_sha256(Path(path)),
+             "tokenizer": tokenizer_fingerprint(tokenizer_path), "max_length": int(max_length),
+             "layout": prompt_layout, "template": template_key, "swap": bool(swap_ab),
+             "on_bad_row": on_bad_row}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- worker side
+_BUILDER: PromptBuilder | None = None
+
+
+def _init_worker(builder: PromptBuilder) -> None:
+    global _BUILDER
+    # Parallelism comes from the process pool; rayon threads inside each worker would only
+    # oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _BUILDER = builder
+
+
+def _build_chunk(rows: list[ArenaRow]) -> list[np.ndarray]:
+    return _BUILDER.build_many(rows)
+
+
+def _tokenize_rows(builder: PromptBuilder, rows: list[ArenaRow], num_workers: int,
+                   desc: str, chunk_rows: int = 128) -> list[np.ndarray]:
+    from tqdm import tqdm
+
+    chunks = [rows[i:i + chunk_rows] for i in range(0, len(rows), chunk_rows)]
+    bar = tqdm(total=len(rows), desc=desc, unit="row", disable=not sys.stderr.isatty())
+    out: list[np.ndarray] = []
+    with bar:
+        if num_workers <= 0:
+            for c in chunks:
+                out += builder.build_many(c)
+                bar.update(len(c))
+        else:
+            # fork shares the already-built tokenizer with the workers at no cost (loading it
+            # again per worker takes seconds); elsewhere it is pickled.
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            with ctx.Pool(num_workers, initializer=_init_worker, initargs=(builder,)) as pool:
+                for res in pool.imap(_build_chunk, chunks):
+                    out += res
+                    bar.update(len(res))
+    return out
+
+
+# ---------------------------------------------------------------- cache io
+
+def _save(path: Path, ds: TokenizedDataset) -> None:
+    arrays = {"input_ids": ds.input_ids, "offsets": ds.offsets, "swapped": ds.swapped,
+              "row_ids": ds.row_ids,
+              "report": np.frombuffer(json.dumps(ds.report.to_json()).encode(), dtype=np.uint8)}
+    if ds.labels is not None:
+        arrays["labels"] = ds.labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load(path: Path) -> TokenizedDataset:
+    with np.load(path, allow_pickle=False) as z:
+        report = IngestReport.from_json(json.loads(z["report"].tobytes().decode()))
+        return TokenizedDataset(z["row_ids"], z["input_ids"], z["offsets"],
+                                z["labels"] if "labels" in z else None, z["swapped"], report)
+
+
+def _ids_array(ids: list) -> np.ndarray:
+    if all(isinstance(i, int) for i in ids):
+        return np.asarray(ids, dtype=np.int64)
+    return np.asarray([str(i) for i in ids], dtype=np.str_)
+
+
+def _filter_too_long(ds: TokenizedDataset, max_tokens: int | None, on_bad_row: str,
+                     path: str) -> TokenizedDataset:
+    """Rows that cannot fit one micro-batch (max_length > max_tokens) are bad rows."""
+    if max_tokens is None:
+        return ds
+    lengths = ds.lengths
+    bad = np.flatnonzero(lengths > max_tokens)
+    if len(bad) == 0:
+        return ds
+    report = IngestReport.from_json(ds.report.to_json())
+    policy = RowPolicy(path, on_bad_row, report)
+    for i in bad:
+        policy.bad(BadRow("too_long", "prompt,response_a,response_b",
+                          f"{lengths[i]} tokens after truncation > max_tokens={max_tokens}"),
+                   ds.row_ids[i].item(), f"row {i + 1} of the kept rows")
+    keep = np.flatnonzero(lengths <= max_tokens)
+    report.rows_kept = len(keep)
+    report.log_summary()
+    parts = [ds.input_ids[ds.offsets[i]:ds.offsets[i + 1]] for i in keep]
+    return TokenizedDataset(ds.row_ids[keep], np.concatenate(parts) if parts else ds.input_ids[:0],
+                            np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64),
+                            None if ds.labels is None else ds.labels[keep], ds.swapped[keep], report)
+
+
+def load_tokenized(path: str | Path, tokenizer_path: str | Path, max_length: int,
+                   prompt_layout: str = "interleaved", swap_ab: bool = False,
+                   on_bad_row: str = "error", max_tokens: int | None = None,
+                   cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+                   num_workers: int = 0) -> TokenizedDataset:
+    """Validate, render and tokenize one file; cached on disk (cache_dir=None disables).
+
+    ``max_tokens`` (the micro-batch token budget) is checked after truncation; rows over it
+    follow ``on_bad_row`` (reason "too_long"). It is applied after the cache, so it is not
+    part of the cache key.
+    """
+    path, tokenizer_path = Path(path), str(tokenizer_path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if prompt_layout not in LAYOUTS:
+        raise ValueError(f"prompt_layout must be one of {LAYOUTS}, got {prompt_layout!r}")
+    cache_file = None
+    if cache_dir is not None:
+        # The key needs no tokenizer: a cache hit never pays the ~3 s tokenizer build.
+        key = cache_key(path, tokenizer_path, max_length, prompt_layout, swap_ab, on_bad_row,
+                        template_key(prompt_layout))
+        cache_file = Path(cache_dir) / f"{path.stem}-{key}.npz"
+        if cache_file.is_file():
+            log.info("%s: tokenized cache hit %s", path, cache_file)
+            return _filter_too_long(_load(cache_file), max_tokens, on_bad_row, str(path))
+
+    rows, report = read_rows(path, on_bad_row)
+    builder = PromptBuilder(load_tokenizer(tokenizer_path), max_length, prompt_layout)
+    if swap_ab:
+        rows = [r.swapped() for r in rows]
+    seqs = _tokenize_rows(builder, rows, num_workers, desc=f"tokenize {path.name}")
+    labelled = bool(rows) and rows[0].label is not None
+    ds = TokenizedDataset(
+        _ids_array([r.id for r in rows]),
+        np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
+        np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
+        np.stack([r.label for r in rows]).astype(np.float32) if labelled else None,
+        np.full(len(rows), bool(swap_ab)), report)
+    if cache_file is not None:
+        _save(cache_file, ds)
+    return _filter_too_long(ds, max_tokens, on_bad_row, str(path))
