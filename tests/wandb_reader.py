@@ -46,8 +46,10 @@ class WandbFileError(ValueError):
     pass
 
 
-def iter_record_bytes(path: str | Path) -> Iterator[bytes]:
-    """Yield each record's payload bytes from a ``.wandb`` file, verifying CRCs."""
+def iter_record_bytes(path: str | Path, chunk_types: list[int] | None = None) -> Iterator[bytes]:
+    """Yield each record's payload bytes from a ``.wandb`` file, verifying CRCs.
+
+    If ``chunk_types`` is given, the type of every chunk read is appended to it."""
     data = Path(path).read_bytes()
     if len(data) < HEADER.size:
         raise WandbFileError(f"{path}: too short for a header")
@@ -80,6 +82,8 @@ def iter_record_bytes(path: str | Path) -> Iterator[bytes]:
         if zlib.crc32(bytes([ctype]) + payload) & 0xFFFFFFFF != checksum:
             raise WandbFileError(f"{path}: checksum mismatch in chunk at {pos}")
         pos = end
+        if chunk_types is not None:
+            chunk_types.append(ctype)
         if ctype == FULL:
             if pending is not None:
                 raise WandbFileError(f"{path}: FULL chunk inside a multi-chunk record")
