@@ -1,0 +1,218 @@
+"""Packed-sequence (varlen) Gemma 2 classifier.
+
+Activations are kept flat as [T, hidden] (T = real tokens of one packed row, no padding).
+Every decoder layer is self-contained (FSDP2 shards each with fully_shard) and takes only
+tensors and plain values: hidden, rope cos/sin, cu_seqlens, max_seq_len, optional pooled rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .args import ModelArgs
+from .attention import resolve_attn_impl, varlen_attention
+from .rope import apply_rope, apply_rope_te, resolve_rope_impl, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: fp32 math, scale by (1 + weight), cast back at the end."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.args = args
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.window = args.layer_window(layer_idx)
+        self.scale = args.query_pre_attn_scalar**-0.5
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seq_len, q_rows=None, mask_cache=None):
+        t = x.shape[0]
+        xq = x if q_rows is None else x[q_rows]  # pooled: queries only for the last tokens
+        q = self.q_proj(xq).view(xq.shape[0], self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+
+        rope = resolve_rope_impl(self.args.rope_impl, x.device)
+        if rope == "te":
+            theta = self.args.rope_theta
+            k = apply_rope_te(k, cu_seqlens, max_seq_len, self.head_dim, theta)
+            if q_rows is None:
+                q = apply_rope_te(q, cu_seqlens, max_seq_len, self.head_dim, theta)
+            else:  # single-token "sequences" would all get position 0 in TE's thd mode
+                q = apply_rope(q, cos[q_rows], sin[q_rows])
+        else:
+            q = apply_rope(q, cos if q_rows is None else cos[q_rows], sin if q_rows is None else sin[q_rows])
+            k = apply_rope(k, cos, sin)
+
+        impl = resolve_attn_impl(self.args.attn_impl, x.device, x.dtype)
+        out = varlen_attention(
+            q, k, v,
+            cu_seqlens=cu_seqlens, max_seq_len=max_seq_len, scale=self.scale,
+            softcap=self.args.attn_logit_softcapping, window=self.window,
+            impl=impl, q_rows=q_rows, mask_cache=mask_cache,
+        )
+        return self.o_proj(out.reshape(xq.shape[0], -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        eps = args.rms_norm_eps
+        self.input_layernorm = RMSNorm(args.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
+
+    def forward(self, h, cos, sin, cu_seqlens, max_seq_len: int, q_rows=None, mask_cache=None):
+        """h [T, hidden] -> [T, hidden], or [B, hidden] (rows q_rows only) when q_rows is given."""
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache)
+        h = (h if q_rows is None else h[q_rows]) + self.post_attention_layernorm(attn)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class MLPHead(nn.Module):
+    """Dropout -> Linear(h, h/2) -> Dropout -> GELU -> Linear(h/2, labels)."""
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(hidden, hidden // 2)
+        self.fc2 = nn.Linear(hidden // 2, num_labels)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.drop(self.fc1(self.drop(x)))))
+
+
+class Gemma2Classifier(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=args.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if args.head == "mlp":
+            self.head = MLPHead(args.hidden_size, args.num_labels, args.head_dropout)
+        else:  # saved as `score.weight`, transformers' Gemma2ForSequenceClassification key
+            self.head = nn.Linear(args.hidden_size, args.num_labels, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Fresh init (also after `to_empty` from the meta device)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=self.args.initializer_range)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                m.reset_parameters()
+        if self.embed_tokens.padding_idx is not None:
+            self.embed_tokens.weight[self.embed_tokens.padding_idx].zero_()
+
+    @torch.no_grad()
+    def init_head(self):
+        std = self.args.initializer_range
+        for m in self.head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seq_len: int | torch.Tensor | None = None,
+        return_hidden: bool = False,
+        **ignored,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Packed row -> fp32 logits [B, num_labels] (and pooled hidden [B, hidden] if return_hidden)."""
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(f"expected one packed row [1, T] or [T], got input_ids {tuple(input_ids.shape)}")
+        input_ids, position_ids = input_ids.reshape(-1), position_ids.reshape(-1)
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != input_ids.numel():
+            raise ValueError(f"cu_seqlens must be [B+1] ending at T={input_ids.numel()}, got {cu_seqlens.tolist()}")
+        if max_seq_len is None:
+            max_seq_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seq_len = int(max_seq_len)
+        last = (cu_seqlens[1:] - 1).long()
+
+        h = self.embed_tokens(input_ids)
+        # normaliser cast to the model dtype first, as in transformers (sqrt(3584) rounds in bf16)
+        h = h * torch.tensor(math.sqrt(self.args.hidden_size), dtype=h.dtype, device=h.device)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        mask_cache: dict = {}  # per-forward cache of backend masks (flex BlockMask)
+
+        ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            q_rows = last if (self.args.last_layer_pooled_only and i == n - 1) else None
+            if ckpt:
+                h = checkpoint(layer, h, cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache)
+        if not (self.args.last_layer_pooled_only and n > 0):
+            h = h[last]
+        pooled = self.norm(h)  # RMSNorm is per row: norm(h)[last] == norm(h[last])
+        logits = self.head(pooled).float()
+        return (logits, pooled) if return_hidden else logits
+
+    # checkpoint I/O lives in hf_io; bound here for the `Gemma2Classifier.from_pretrained` API
+    @classmethod
+    def from_pretrained(cls, path, head: str = "mlp", *, dtype=None, device="cpu", **arg_overrides):
+        from .hf_io import load_pretrained
+
+        return load_pretrained(cls, path, head=head, dtype=dtype, device=device, **arg_overrides)
+
+    def save_pretrained(self, path) -> None:
+        from .hf_io import save_pretrained
+
+        save_pretrained(self, path)
+
+
+def count_params(model: nn.Module, exclude_embeddings: bool = True) -> int:
+    """Parameter count; without the token embedding by default (the N of 6*N*tokens MFU)."""
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    return n

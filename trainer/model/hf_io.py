@@ -1,0 +1,152 @@
+"""transformers-compatible Gemma 2 checkpoints (safetensors only; pickles are refused).
+
+Key layout (ours -> file):
+  embed_tokens / layers.* / norm   ->  model.<same name>   (Gemma2Model files: no "model." prefix, also read)
+  linear head  head.weight         ->  score.weight        (Gemma2ForSequenceClassification)
+  mlp head     head.fc{1,2}.{weight,bias} -> head.fc{1,2}.{weight,bias}   (ours; transformers ignores them)
+  lm_head.weight (Gemma2ForCausalLM) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .args import ModelArgs
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+IGNORED_PREFIXES = ("lm_head.",)
+
+
+def _hf_name(name: str, head: str) -> str:
+    if name.startswith("head."):
+        return "score.weight" if head == "linear" else name
+    return "model." + name
+
+
+def parameter_name_map(model_or_args: nn.Module | ModelArgs) -> dict[str, str]:
+    """Our parameter name -> the name written to / expected in a transformers checkpoint."""
+    if isinstance(model_or_args, ModelArgs):
+        with torch.device("meta"):
+            from .gemma2 import Gemma2Classifier
+
+            model_or_args = Gemma2Classifier(model_or_args)
+    head = model_or_args.args.head
+    return {n: _hf_name(n, head) for n, _ in model_or_args.named_parameters()}
+
+
+def match_checkpoint_keys(name_map: dict[str, str], ckpt_keys) -> tuple[dict[str, str], list[str], list[str]]:
+    """Match our parameters to checkpoint keys, with or without the "model." prefix.
+    Returns (ours -> checkpoint key, our names not found, checkpoint keys left over (lm_head excluded))."""
+    keys = set(ckpt_keys)
+    found, missing = {}, []
+    for ours, hf in name_map.items():
+        for cand in (hf, hf.removeprefix("model.")):
+            if cand in keys:
+                found[ours] = cand
+                break
+        else:
+            missing.append(ours)
+    used = set(found.values())
+    unexpected = sorted(k for k in keys - used if not k.startswith(IGNORED_PREFIXES))
+    return found, missing, unexpected
+
+
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """Checkpoint key -> safetensors file holding it (reads headers only)."""
+    index = path / SAFE_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: path / f for k, f in weight_map.items()}
+    files = [path / SAFE_WEIGHTS] if (path / SAFE_WEIGHTS).exists() else sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{path} holds only pickle checkpoint(s) {pickles}; refusing to unpickle (arbitrary code "
+                "execution). Convert to safetensors first (e.g. load and `save_pretrained(safe_serialization=True)` "
+                "in a trusted environment)."
+            )
+        raise FileNotFoundError(f"no {SAFE_WEIGHTS} or {SAFE_INDEX} in {path}")
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as fh:
+            out.update({k: f for k in fh.keys()})
+    return out
+
+
+def load_pretrained(cls, path, head: str | None = None, *, dtype=None, device="cpu", **arg_overrides):
+    """Build on the meta device, then allocate once and fill tensor by tensor from safetensors.
+    head=None takes the head recorded by our save_pretrained, else "mlp". Returns the model in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path / 'config.json'} not found")
+    cfg = json.loads((path / "config.json").read_text())
+    head = head or cfg.get("arena_head", "mlp")
+    args = ModelArgs.from_hf_config(cfg, head=head, **arg_overrides)
+    key_file = _checkpoint_files(path)
+
+    with torch.device("meta"):
+        model = cls(args)
+    if dtype is not None:
+        model.to(dtype)  # still meta: free
+    found, missing, unexpected = match_checkpoint_keys(parameter_name_map(model), key_file)
+    missing_body = [n for n in missing if not n.startswith("head.")]
+    if missing_body:
+        raise KeyError(f"checkpoint {path} lacks {len(missing_body)} tensor(s) for {missing_body[:10]}")
+    if unexpected:
+        logger.warning("checkpoint %s: %d tensor(s) not used: %s", path, len(unexpected), unexpected[:10])
+
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for ours, key in found.items():
+        by_file.setdefault(key_file[key], []).append(ours)
+    # shapes first (headers only), so a mismatch fails before any allocation
+    for f, names in by_file.items():
+        with safe_open(f, framework="pt") as fh:
+            for ours in names:
+                shape = tuple(fh.get_slice(found[ours]).get_shape())
+                if shape != tuple(params[ours].shape):
+                    raise ValueError(
+                        f"shape mismatch for {found[ours]!r} in {f.name}: checkpoint {shape}, "
+                        f"model expects {tuple(params[ours].shape)} (parameter {ours!r})"
+                    )
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for f, names in by_file.items():
+            with safe_open(f, framework="pt", device="cpu") as fh:
+                for ours in names:
+                    params[ours].copy_(fh.get_tensor(found[ours]))  # one tensor in memory at a time
+    if any(n.startswith("head.") for n in missing):
+        model.init_head()
+        logger.info("checkpoint %s has no %s head weights: head initialised fresh", path, args.head)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, path) -> None:
+    """Write model.safetensors + config.json loadable by transformers' Gemma2ForSequenceClassification
+    (linear head; an mlp-head file loads there with a freshly initialised `score`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    name_map = parameter_name_map(model)
+    tensors = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if hasattr(t, "full_tensor"):  # FSDP2 DTensor: gather (every rank must call)
+            t = t.full_tensor()
+        tensors[name_map[name]] = t.cpu().contiguous()
+    save_file(tensors, path / SAFE_WEIGHTS, metadata={"format": "pt"})
+    (path / SAFE_INDEX).unlink(missing_ok=True)  # a stale index would shadow the new file
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(model.args.to_hf_config(dtype=dtype), indent=2) + "\n")
