@@ -199,7 +199,7 @@ class Gemma2Classifier(nn.Module):
 
     # checkpoint I/O lives in hf_io; bound here for the `Gemma2Classifier.from_pretrained` API
     @classmethod
-    def from_pretrained(cls, path, head: str = "mlp", *, dtype=None, device="cpu", **arg_overrides):
+    def from_pretrained(cls, path, head: str | None = None, *, dtype=None, device="cpu", **arg_overrides):
         from .hf_io import load_pretrained
 
         return load_pretrained(cls, path, head=head, dtype=dtype, device=device, **arg_overrides)

@@ -107,7 +107,7 @@ def load_pretrained(cls, path, head: str | None = None, *, dtype=None, device="c
     if unexpected:
         logger.warning("checkpoint %s: %d tensor(s) not used: %s", path, len(unexpected), unexpected[:10])
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters())  # meta: shapes only
     by_file: dict[Path, list[str]] = {}
     for ours, key in found.items():
         by_file.setdefault(key_file[key], []).append(ours)
@@ -123,6 +123,7 @@ def load_pretrained(cls, path, head: str | None = None, *, dtype=None, device="c
                     )
 
     model.to_empty(device=device)
+    params = dict(model.named_parameters())  # to_empty swapped in new Parameters
     with torch.no_grad():
         for f, names in by_file.items():
             with safe_open(f, framework="pt", device="cpu") as fh:
