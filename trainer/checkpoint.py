@@ -1,0 +1,273 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP) and atomic commits.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step-00000010/          a committed checkpoint
+        .metadata           DCP metadata (written last by DCP's coordinator)
+        __0_0.distcp ...    one file per rank: its shards of model + optimizer + its RNG
+        trainer_state.json  step, sampler position, loss buffer, scheduler, wandb id, config,
+                            and the byte size of every file above (truncation check)
+    step-00000020.tmp/      being written, or left behind by a crash: never loaded
+    latest                  text file naming the last committed checkpoint
+
+A checkpoint is written under ``.tmp`` and renamed by rank 0 only once every rank's shards
+and DCP's metadata are on disk, so a directory without ``.tmp`` is complete by construction.
+No rank gathers the full model. Nothing is ever unpickled on load: tensors come from DCP,
+DCP's rare non-tensor leaves go through a weights-only unpickler, the rest is JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from .distributed import barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles non-tensor leaves with weights_only=False; we don't."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:  # noqa: D401
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element  # noqa: PLC0415
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _rng_key(rank: int) -> str:
+    return f"rng.rank{rank}"
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    cpu = torch.get_rng_state()
+    if device.type == "cuda":
+        # One byte tensor: CPU state then this device's CUDA state.
+        return torch.cat([cpu, torch.cuda.get_rng_state(device)])
+    return cpu
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    n_cpu = torch.get_rng_state().numel()
+    torch.set_rng_state(state[:n_cpu].clone())
+    if device.type == "cuda" and state.numel() > n_cpu:
+        torch.cuda.set_rng_state(state[n_cpu:].clone(), device)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Committed checkpoint directories, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return the trainer state of a complete checkpoint, or raise CheckpointError saying why."""
+    path = Path(path)
+    if path.name.endswith(".tmp"):
+        raise CheckpointError(f"{path}: a partial checkpoint (never committed)")
+    state_file = path / STATE_FILE
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: DCP .metadata is missing (incomplete checkpoint)")
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: {STATE_FILE} is missing (incomplete checkpoint)")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {STATE_FILE} is corrupt: {e}") from e
+    for name, size in state.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{path}: file {name} has {f.stat().st_size} bytes, expected {size} (truncated or overwritten)")
+    try:
+        dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to parse means unusable
+        raise CheckpointError(f"{path}: DCP metadata unreadable: {e}") from e
+    return state
+
+
+def find_latest(root: Path) -> tuple[Path | None, list[str]]:
+    """Newest checkpoint that verifies, and the reasons the newer ones were refused."""
+    problems = []
+    if root.is_dir():
+        problems += [f"{p}: a partial checkpoint (never committed), ignored" for p in sorted(root.glob("step-*.tmp"))]
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path, problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    return None, problems
+
+
+class Checkpointer:
+    def __init__(self, root: Path, *, rank: int, keep_last: int = 2, async_save: bool = False,
+                 device: torch.device = torch.device("cpu")):
+        self.root = Path(root)
+        self.rank = rank
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.device = device
+        self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
+        self._group = None
+        if async_save and dist.is_initialized():
+            # DCP's background thread must not share the training group: interleaved
+            # collectives from two threads on one gloo group mismatch (platform-facts.md).
+            self._group = dist.new_group(backend="gloo")
+        self.last_blocking_s = 0.0
+
+    # ---- save -------------------------------------------------------------------------
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any]) -> None:
+        """Collective: every rank calls it. trainer_state (rank 0's copy) goes into JSON."""
+        t0 = time.perf_counter()
+        self.wait()  # one checkpoint in flight at a time
+        final = self.root / step_dir_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            if final.exists():  # re-saving the same step (e.g. end after a periodic save)
+                shutil.rmtree(final)
+        barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd, _rng_key(self.rank): _rng_state(self.device)}
+        if self.async_save:
+            from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
+                                 async_checkpointer_type=AsyncCheckpointerType.THREAD)
+            self._pending = (fut, tmp, final, trainer_state)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._commit(tmp, final, trainer_state)
+        self.last_blocking_s = time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Finish an in-flight async save (collective when one is pending)."""
+        if self._pending is None:
+            return
+        fut, tmp, final, trainer_state = self._pending
+        self._pending = None
+        fut.result()
+        self._commit(tmp, final, trainer_state)
+
+    def _commit(self, tmp: Path, final: Path, trainer_state: dict[str, Any]) -> None:
+        # DCP's coordinator writes .metadata only after every rank reported its writes done,
+        # and dcp.save returns on all ranks after that; the barrier makes it explicit.
+        barrier()
+        if self.rank == 0:
+            files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+            _write_json_atomic(tmp / STATE_FILE, {**trainer_state, "files": files})
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            (self.root / "latest.tmp").write_text(final.name + "\n")
+            os.replace(self.root / "latest.tmp", self.root / "latest")
+            self._prune()
+            log.info("checkpoint saved: %s", final)
+        barrier()
+
+    def _prune(self) -> None:
+        for _, path in list_checkpoints(self.root)[: -self.keep_last or None]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- load -------------------------------------------------------------------------
+    def resolve(self, resume: str) -> Path | None:
+        """Pick the checkpoint to resume from ('auto', 'never' or a path), same on all ranks."""
+        choice: str | None = None
+        if self.rank == 0:
+            if resume == "never":
+                choice = None
+            elif resume == "auto":
+                path, problems = find_latest(self.root)
+                for p in problems:
+                    log.warning("checkpoint refused: %s", p)
+                choice = str(path) if path else None
+            else:
+                verify_checkpoint(Path(resume))  # an explicit choice must be valid: raise
+                choice = resume
+        choice = broadcast_object(choice)
+        return Path(choice) if choice else None
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Collective. Restores model, optimizer and this rank's RNG; returns trainer state."""
+        path = Path(path)
+        trainer_state = verify_checkpoint(path)
+        msd, osd = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": msd, "optim": osd}
+        saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+        has_rng = _rng_key(self.rank) in saved_keys
+        if has_rng:
+            state[_rng_key(self.rank)] = _rng_state(self.device)
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=True))
+        if has_rng:
+            _set_rng_state(state[_rng_key(self.rank)], self.device)
+        else:
+            # Resharded onto more ranks than were saved: a fresh, reproducible stream.
+            torch.manual_seed(int(trainer_state.get("seed", 0)) * 1_000_003 + self.rank * 7919 + int(trainer_state["step"]))
+            log.warning("rank %d has no saved RNG state in %s (world size changed); reseeded", self.rank, path)
+        return trainer_state

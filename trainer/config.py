@@ -1,0 +1,270 @@
+"""Typed config schema.
+
+Every config group under ``conf/`` is merged onto these dataclasses (registered in Hydra's
+ConfigStore as ``schema``), so an unknown key or a value of the wrong type fails at
+composition time, before any compute, with the key named by OmegaConf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _register_resolvers() -> None:
+    # `${project_root:}` lets defaults point at ../shared independent of the working directory.
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Path to a transformers Gemma 2 directory; null trains from scratch.
+    name_or_path: Optional[str] = None
+    head: str = "mlp"  # mlp | linear
+    head_dropout: float = 0.1
+    attn_impl: str = "auto"  # auto | reference | sdpa | flex | flash_attn
+    rope_impl: str = "auto"  # auto | torch | te
+    last_layer_pooled_only: bool = True
+    activation_checkpointing: bool = False
+    # Storage dtype of the weights. bfloat16 + AnyPrecisionAdamW(Kahan) = no fp32 master copy.
+    dtype: str = "float32"
+    # Architecture (used from scratch; a checkpoint's config.json wins except where noted).
+    vocab_size: int = 256000
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    # Forced onto loaded checkpoints too when set: the 9B release changed it 224 -> 256.
+    query_pre_attn_scalar: Optional[float] = 256.0
+    sliding_window: int = 4096
+    attn_logit_softcapping: float = 50.0
+    final_logit_softcapping: float = 30.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    num_labels: int = 3
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "${project_root:}/../shared/fixtures/arena/train.csv"
+    eval_path: Optional[str] = "${project_root:}/../shared/fixtures/arena/eval.csv"
+    test_path: Optional[str] = None
+    tokenizer_path: str = "${project_root:}/../shared/fixtures/gemma2-tokenizer"
+    max_length: int = 4096
+    max_tokens: int = 16384  # token budget of one packed micro-batch on one rank
+    global_batch_rows: int = 80  # rows per optimizer step over all ranks
+    eval_max_tokens: Optional[int] = None  # defaults to max_tokens
+    on_bad_row: str = "error"  # error | skip
+    prompt_layout: str = "interleaved"  # interleaved | sequential
+    swap_ab: bool = False  # A/B swap augmentation: doubles the training rows
+    shuffle: bool = True
+    limit_train_rows: Optional[int] = None  # take the first N rows (smoke tests, demos)
+    limit_eval_rows: Optional[int] = None
+    num_workers: int = 0  # tokenization worker processes (0 = in-process)
+    loader_workers: int = 0  # DataLoader workers that collate micro-batches ahead
+    cache_dir: str = "${project_root:}/.cache/tokenized"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "anyprecision_adamw"  # anyprecision_adamw | adamw
+    lr: float = 2.5e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    use_kahan_summation: bool = True
+    momentum_dtype: str = "bfloat16"
+    variance_dtype: str = "bfloat16"
+    compensation_dtype: str = "bfloat16"
+    no_decay_embeddings: bool = True
+    grad_clip: Optional[float] = 1.0
+    # Schedule: linear warmup over warmup_ratio of the steps, then decay.
+    warmup_ratio: float = 0.1
+    warmup_steps: Optional[int] = None  # overrides warmup_ratio
+    decay: str = "linear"  # linear | cosine | constant
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    # FSDP2: each decoder layer is one unit, then embeddings, then the root.
+    dp_replicate: int = 1  # > 1 gives HSDP: replicate across groups, shard inside each
+    param_dtype: str = "float32"  # compute dtype of unsharded params (bfloat16 on GPU)
+    reduce_dtype: str = "float32"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    backend: str = "auto"  # auto | nccl | gloo
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (all epochs)
+    eval_every: Optional[int] = None  # steps; evaluation also runs at the end
+    log_every: int = 1
+    run_dir: Optional[str] = None  # null: runs/<experiment>-<timestamp>
+    device: str = "auto"  # auto | cpu | cuda
+    loss_buffer_size: int = 64
+    resume: str = "auto"  # auto (latest complete checkpoint in run_dir) | never | <path>
+    peak_flops_per_device: Optional[float] = None  # for MFU; null picks by device
+    num_threads: Optional[int] = None  # torch intra-op threads per rank on CPU
+    write_eval_predictions: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every_steps: Optional[int] = None
+    keep_last: int = 2
+    at_end: bool = True
+    async_save: bool = False
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "arena-trainer"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None
+    notes: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    level: str = "INFO"
+    progress_bar: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    # Consumed by launch.submit (submitit); slurm/train.sh reads #SBATCH lines instead.
+    executor: str = "auto"  # auto (slurm when sbatch is on PATH) | slurm | local
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 16
+    mem_gb: Optional[int] = None
+    timeout_min: int = 240
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    job_name: str = "arena-trainer"
+    folder: str = "logs/submitit"
+    signal_delay_s: int = 300
+    max_requeues: int = 10
+    rdzv_port: int = 29500
+    setup: list[str] = field(default_factory=list)  # shell lines run before torchrun
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # Free-form keys for entry points (launch.export / launch.predict: checkpoint=..., out=...).
+    checkpoint_path: Optional[str] = None
+    out: Optional[str] = None
+    tta: bool = True
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.head": ("mlp", "linear"),
+    "model.attn_impl": ("auto", "reference", "sdpa", "flex", "flash_attn"),
+    "model.rope_impl": ("auto", "torch", "te"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.on_bad_row": ("error", "skip"),
+    "data.prompt_layout": ("interleaved", "sequential"),
+    "optim.name": ("anyprecision_adamw", "adamw"),
+    "optim.decay": ("linear", "cosine", "constant"),
+    "optim.momentum_dtype": ("float32", "bfloat16", "float16"),
+    "optim.variance_dtype": ("float32", "bfloat16", "float16"),
+    "optim.compensation_dtype": ("float32", "bfloat16", "float16"),
+    "parallel.param_dtype": ("float32", "bfloat16"),
+    "parallel.reduce_dtype": ("float32", "bfloat16"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
+    "launcher.executor": ("auto", "slurm", "local"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def register_configs() -> None:
+    _register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks beyond types: enumerations and ranges. Raises ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' = {value!r}: expected one of {list(choices)}")
+    positive = ["data.max_length", "data.max_tokens", "data.global_batch_rows", "trainer.epochs",
+                "trainer.loss_buffer_size", "checkpoint.keep_last", "parallel.dp_replicate",
+                "model.hidden_size", "model.num_hidden_layers", "model.vocab_size"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+    for key in ["trainer.max_steps", "trainer.eval_every", "checkpoint.every_steps"]:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0 or null, got {value}")
+    if not 0.0 <= cfg.model.head_dropout < 1.0:
+        raise ConfigError(f"config key 'model.head_dropout' must be in [0, 1), got {cfg.model.head_dropout}")
+    if cfg.data.max_length > cfg.data.max_tokens:
+        raise ConfigError(
+            f"config key 'data.max_length' ({cfg.data.max_length}) exceeds 'data.max_tokens' "
+            f"({cfg.data.max_tokens}): a single row could never fit in a micro-batch")
+    if cfg.model.hidden_size % 2:
+        raise ConfigError("config key 'model.hidden_size' must be even (the mlp head uses h/2)")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"config key 'optim.betas' needs two values, got {list(cfg.optim.betas)}")
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose ``conf/`` outside of ``hydra.main`` (tests, launch.submit, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+register_configs()

@@ -1,0 +1,59 @@
+"""FSDP2 wrapping: one unit per decoder layer, then the embeddings, then the root.
+
+The same code runs on one CPU process (a world of one) and on many GPUs. HSDP (replicate
+across groups, shard inside each) comes from a 2-D device mesh when dp_replicate > 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from .distributed import DistInfo
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_mesh(info: DistInfo, dp_replicate: int) -> DeviceMesh:
+    device_type = info.device.type
+    if dp_replicate <= 1:
+        return init_device_mesh(device_type, (info.world_size,), mesh_dim_names=("dp_shard",))
+    if info.world_size % dp_replicate:
+        raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide world size {info.world_size}")
+    return init_device_mesh(device_type, (dp_replicate, info.world_size // dp_replicate),
+                            mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str = "float32",
+                reduce_dtype: str = "float32", reshard_after_forward: bool = True,
+                cpu_offload: bool = False) -> nn.Module:
+    """Apply fully_shard bottom-up. The model must expose `layers` and `embed_tokens`."""
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    common = dict(mesh=mesh, mp_policy=mp)
+    if cpu_offload:
+        common["offload_policy"] = CPUOffloadPolicy()
+    n = len(model.layers)
+    for i, layer in enumerate(model.layers):
+        # The last layer's params are needed again right away by backward: keep them gathered.
+        fully_shard(layer, reshard_after_forward=reshard_after_forward and i < n - 1, **common)
+    fully_shard(model.embed_tokens, reshard_after_forward=reshard_after_forward, **common)
+    fully_shard(model, reshard_after_forward=False, **common)
+    return model
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes of this rank's shards of parameters, gradients and optimizer state."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
+    params = sum(nbytes(p) for p in model.parameters())
+    grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+    opt = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            opt += sum(nbytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return {"params": params, "grads": grads, "optimizer": opt, "total": params + grads + opt}

@@ -1,0 +1,96 @@
+"""Per-process run environment: run directory, logging, seeding, and preemption requests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import PROJECT_ROOT
+from .distributed import DistInfo, all_reduce_max, broadcast_object
+
+STOP_FILE = "STOP"  # touch <run_dir>/STOP to ask a running job to checkpoint and exit
+PREEMPTED_MARKER = ".preempted"  # written when a job stopped early on request (requeue me)
+DONE_MARKER = ".done"  # written when training finished
+
+
+def resolve_run_dir(run_dir: str | None, experiment: str, info: DistInfo) -> Path:
+    """All ranks agree on one directory; rank 0 picks it when the config leaves it open."""
+    if run_dir is None:
+        chosen = None
+        if info.is_main:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            chosen = str(PROJECT_ROOT / "runs" / f"{experiment}-{stamp}")
+            base, i = chosen, 1
+            while Path(chosen).exists():  # two runs started within the same second
+                chosen, i = f"{base}-{i}", i + 1
+        run_dir = broadcast_object(chosen)
+    path = Path(run_dir).expanduser().resolve()
+    if info.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    from .distributed import barrier
+
+    barrier()
+    return path
+
+
+def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
+    """Rank 0 logs to the console and train.log; every rank keeps logs/rank-N.log."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.DEBUG)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    per_rank = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")
+    per_rank.setFormatter(fmt)
+    per_rank.setLevel(level)
+    root.addHandler(per_rank)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    console.setLevel(level if rank == 0 else logging.WARNING)
+    root.addHandler(console)
+    if rank == 0:
+        shared = logging.FileHandler(run_dir / "train.log")
+        shared.setFormatter(fmt)
+        shared.setLevel(level)
+        root.addHandler(shared)
+    for noisy in ("urllib3", "filelock", "wandb", "git", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Identical model init on every rank (seed), distinct dropout streams per rank (rank)."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(False)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+class PreemptionWatcher:
+    """SIGTERM / SIGUSR1 (Slurm's pre-timeout and preemption signals) or a STOP file ask the
+    job to finish its current step, checkpoint and exit. All ranks agree once per step."""
+
+    def __init__(self, run_dir: Path, info: DistInfo):
+        self.run_dir = run_dir
+        self.info = info
+        self.requested_by: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. some test harnesses)
+                pass
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested_by = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        """Collective: call once per step on every rank."""
+        local = self.requested_by is not None or (self.run_dir / STOP_FILE).exists()
+        if local and self.requested_by is None:
+            self.requested_by = STOP_FILE
+        return all_reduce_max(1.0 if local else 0.0, self.info.device) > 0
