@@ -20,12 +20,15 @@ never read or printed by this module.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
 import string
+import struct
 import sys
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,7 @@ REDACTED = "<redacted>"
 _SECRET_MARKERS = ("key", "token", "secret", "password")
 _WANDB_MODES = ("online", "offline")
 _ID_CHARS = string.ascii_lowercase + string.digits
+_log = logging.getLogger(__name__)
 
 
 def _is_secret_key(key: Any) -> bool:
@@ -272,16 +276,29 @@ class MetricsLogger:
         if self._run is not None:
             self._run.summary.update(clean)
 
-    def finish(self, exit_code: int = 0) -> None:
-        """Flush and close; idempotent."""
+    def finish(self, exit_code: int = 0, *, flush_timeout: float = 30.0) -> None:
+        """Flush and close; idempotent.
+
+        wandb 0.31's ``run.finish()`` returns before wandb-core has written its
+        buffered transaction log (``run-<id>.wandb``) to disk (seen here: right
+        after finish the file sometimes holds only its 7-byte header). So we
+        also wait, up to ``flush_timeout`` seconds, until that file ends with
+        the run's exit record; the offline run is then complete on disk.
+        """
         if not self.enabled or self._closed:
             return
         self._closed = True
         if self._run is not None:
+            run, self._run = self._run, None
+            sync_file = None
             try:
-                self._run.finish(exit_code=exit_code)
-            finally:
-                self._run = None
+                sync_file = Path(run.settings.sync_file)
+            except Exception:  # pragma: no cover - settings layout changed
+                pass
+            run.finish(exit_code=exit_code)
+            if sync_file is not None and flush_timeout > 0:
+                if not _wait_for_exit_record(sync_file, flush_timeout):
+                    _log.warning("wandb transaction log %s not complete after %.0fs", sync_file, flush_timeout)
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -291,6 +308,58 @@ class MetricsLogger:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+
+def _last_records(path: Path, keep: int = 4) -> list[bytes]:
+    """Payloads of the last ``keep`` complete records of a wandb transaction log
+    (leveldb-log framing: 7-byte file header, 32 KiB blocks, chunks of
+    crc32/len/type; see tests/wandb_reader.py). Stops at a torn tail."""
+    data = path.read_bytes()
+    pos, block, hdr = 7, 32 * 1024, struct.Struct("<IHB")
+    out: list[bytes] = []
+    pending: bytearray | None = None
+    while pos + hdr.size <= len(data):
+        left = block - pos % block
+        if left < hdr.size:
+            pos += left
+            continue
+        crc, length, ctype = hdr.unpack_from(data, pos)
+        if crc == 0 and length == 0 and ctype == 0:
+            pos += left
+            continue
+        payload = data[pos + hdr.size : pos + hdr.size + length]
+        if len(payload) < length or zlib.crc32(bytes([ctype]) + payload) != crc:
+            break
+        pos += hdr.size + length
+        if ctype == 1:
+            out.append(payload)
+        elif ctype == 2:
+            pending = bytearray(payload)
+        elif ctype in (3, 4) and pending is not None:
+            pending += payload
+            if ctype == 4:
+                out.append(bytes(pending))
+                pending = None
+        out = out[-keep:]
+    return out
+
+
+def _wait_for_exit_record(path: Path, timeout: float) -> bool:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            for raw in _last_records(path):
+                rec = pb.Record()
+                rec.ParseFromString(raw)
+                if rec.WhichOneof("record_type") == "exit":
+                    return True
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def progress(
