@@ -291,6 +291,12 @@ def test_redact_and_jsonable():
         "tokenizer_path": REDACTED,  # contains "token": over-redaction is the safe side
         "n": {"client_secret": REDACTED, "ok": [{"auth_token": REDACTED}]},
     }
+    omegaconf = pytest.importorskip("omegaconf")
+    oc = omegaconf.OmegaConf.create({"w": {"hf_token": "x", "l": [1, {"api_key": "y"}]}, "ref": "${w.l}"})
+    assert redact(oc) == {
+        "w": {"hf_token": REDACTED, "l": [1, {"api_key": REDACTED}]},
+        "ref": [1, {"api_key": REDACTED}],  # interpolations resolved, plain containers out
+    }
     assert to_jsonable(torch.tensor(2.5)) == 2.5
     assert to_jsonable(np.float32(1.5)) == 1.5
     assert to_jsonable(np.int64(3)) == 3

@@ -66,7 +66,7 @@ def redact(obj: Any) -> Any:
             str(k): (REDACTED if _is_secret_key(k) and v is not None else redact(v))
             for k, v in obj.items()
         }
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):  # list, tuple, ListConfig
         return [redact(v) for v in obj]
     return obj
 
