@@ -20,6 +20,9 @@
 #   GPUS_PER_NODE      ranks per node [$SLURM_GPUS_ON_NODE, else 8]
 #   MASTER_PORT        rendezvous port on the head node [20000 + job id % 20000]
 #   TORCHRUN           launcher command [torchrun]
+#   SRUN_ARGS          extra srun options, word-split, e.g. for pyxis/enroot containers:
+#                      SRUN_ARGS="--container-image=/shared/arena-trainer.sqsh
+#                      --container-mounts=/shared:/shared --container-workdir=$PWD"
 #   SHUTDOWN_TIMEOUT   seconds torchrun waits for ranks after a TERM before SIGKILL [120]
 #   OMP_NUM_THREADS    [cpus-per-task / ranks per node, at least 1]
 #
@@ -138,8 +141,8 @@ trap on_term TERM
 # ---- launch -----------------------------------------------------------------------------------
 # `trap '' USR1` before exec: the agent (and its children until they install a handler)
 # ignore SIGUSR1, so the signal reaches the ranks without killing torchrun.
-# shellcheck disable=SC2016
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'trap "" USR1; exec "$@"' torchrun-wrapper \
+# shellcheck disable=SC2016,SC2086
+srun ${SRUN_ARGS:-} --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'trap "" USR1; exec "$@"' torchrun-wrapper \
   ${TORCHRUN:-torchrun} \
   --nnodes="$nnodes" --nproc_per_node="$nproc" \
   --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$port" --rdzv-id="$SLURM_JOB_ID" \
