@@ -72,7 +72,7 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Dispatch to a backend (impl already resolved). Returns [Tq, H, D]."""
     if impl == "reference":
-        return reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows)
+        return reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows, mask_cache)
     if impl == "flex":
         return flex_varlen_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows, mask_cache)
     if impl == "flash_attn":
@@ -80,11 +80,13 @@ def varlen_attention(
     raise ValueError(f"unknown attention backend {impl!r}")
 
 
-def reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows=None):
+def reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows=None, mask_cache=None):
     """Math attention, one sequence at a time: never materialises cross-sequence scores.
     Scores/softmax in fp32. GQA by grouping query heads per kv head (no repeat_kv copy)."""
     hkv, d = k.shape[1], k.shape[2]
     g = q.shape[1] // hkv
+    # fold the score scale (and 1/softcap) into q: two fewer passes over the [L, L] scores
+    q = q * (scale / softcap if softcap else scale)
     bounds = cu_seqlens.tolist()
     outs = []
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -93,18 +95,33 @@ def reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows=None
         lq = qs.shape[0]
         qs = qs.transpose(0, 1).reshape(hkv, g * lq, d)
         ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [Hkv, n, D]
-        scores = (qs @ ks.transpose(1, 2)).float() * scale  # [Hkv, g*Lq, n]
+        scores = (qs @ ks.transpose(1, 2)).float()  # [Hkv, g*Lq, n]
         if softcap:
-            scores = softcap * torch.tanh(scores / softcap)
-        qpos = torch.arange(n - lq, n, device=q.device)[:, None]
-        kpos = torch.arange(n, device=q.device)[None, :]
-        allowed = kpos <= qpos
-        if window is not None:
-            allowed = allowed & (qpos - kpos < window)
-        scores = scores.view(hkv, g, lq, n).masked_fill(~allowed, float("-inf")).view(hkv, g * lq, n)
+            scores = torch.tanh(scores) * softcap
+        masked = _masked_positions(n, lq, window, q.device, mask_cache)
+        if masked is not None:
+            scores = scores.view(hkv, g, lq, n).masked_fill(masked, float("-inf")).view(hkv, g * lq, n)
         probs = torch.softmax(scores, dim=-1).to(vs.dtype)
         outs.append((probs @ vs).view(hkv * g, lq, d).transpose(0, 1))
     return torch.cat(outs, dim=0)
+
+
+def _masked_positions(n, lq, window, device, cache=None):
+    """Bool [Lq, n], True where query (the last Lq positions of the sequence) must not see the key.
+    Shared by all layers of one forward through `cache` (same lengths, two window kinds)."""
+    if lq == 1 and (window is None or window >= n):
+        return None  # the last token sees the whole sequence
+    key = ("ref", n, lq, window)
+    if cache is not None and key in cache:
+        return cache[key]
+    qpos = torch.arange(n - lq, n, device=device)[:, None]
+    kpos = torch.arange(n, device=device)[None, :]
+    masked = kpos > qpos
+    if window is not None:
+        masked |= qpos - kpos >= window
+    if cache is not None:
+        cache[key] = masked
+    return masked
 
 
 @functools.cache
