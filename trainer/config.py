@@ -45,7 +45,7 @@ class ModelConfig:
     num_key_value_heads: int = 4
     head_dim: int = 256
     # Forced onto loaded checkpoints too when set: the 9B release changed it 224 -> 256.
-    query_pre_attn_scalar: Optional[float] = 256.0
+    query_pre_attn_scalar: Optional[int] = 256
     sliding_window: int = 4096
     attn_logit_softcapping: float = 50.0
     final_logit_softcapping: float = 30.0

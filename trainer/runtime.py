@@ -44,7 +44,7 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.setLevel(logging.DEBUG)
+    root.setLevel(level)
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     per_rank = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")

@@ -1,0 +1,39 @@
+"""Shared fixtures. The suite needs ../shared beside the checkout and fails without it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+if not FIXTURES.is_dir():
+    raise pytest.UsageError(f"shared fixtures not found at {FIXTURES}: clone the project beside ../shared")
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def arena_dir() -> Path:
+    return FIXTURES / "arena"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return FIXTURES / "gemma2-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    return REPO

@@ -1,0 +1,118 @@
+"""Export a sharded checkpoint to safetensors and predict with / without A/B-swap TTA."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import compose
+from trainer.consolidate import checkpoint_config, load_model_from_checkpoint, resolve_checkpoint
+from trainer.data.collate import Item, VarlenCollator
+from trainer.model import Gemma2Classifier
+from trainer.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_CSV = REPO.parent / "shared" / "fixtures" / "arena" / "eval.csv"
+TINY = ["+experiment=cpu_demo", "model.hidden_size=32", "model.intermediate_size=64", "model.head_dim=16",
+        "model.query_pre_attn_scalar=16", "data.max_length=256", "data.max_tokens=2048", "data.global_batch_rows=16",
+        "data.limit_train_rows=48", "data.limit_eval_rows=null", "trainer.eval_every=null",
+        "checkpoint.every_steps=null", "logging.progress_bar=false", "trainer.resume=never"]
+
+
+@pytest.fixture(scope="module", params=["mlp", "linear"])
+def trained(request, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
+    result = run(compose(TINY + [f"model.head={request.param}", f"trainer.run_dir={run_dir}"]))
+    return request.param, run_dir, result
+
+
+def _batch(n: int = 4):
+    rng = np.random.default_rng(0)
+    items = [Item(rng.integers(3, 256000, size=int(k)), None, i, 1.0) for i, k in enumerate(rng.integers(5, 40, n))]
+    return VarlenCollator()(items)
+
+
+def test_export_round_trip(trained, tmp_path):
+    head, run_dir, _ = trained
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "launch.export", f"checkpoint={run_dir}", f"out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {"model.safetensors", "config.json", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    ckpt = resolve_checkpoint(run_dir)
+    reference = load_model_from_checkpoint(ckpt, checkpoint_config(ckpt))
+    exported = Gemma2Classifier.from_pretrained(out, head=head).eval()
+    batch = _batch()
+    with torch.no_grad():
+        want = reference(**batch)
+        torch.testing.assert_close(exported(**batch), want, rtol=0, atol=0)
+    if head == "linear":  # transformers loads it and agrees, one sequence at a time
+        from transformers import Gemma2ForSequenceClassification
+
+        hf = Gemma2ForSequenceClassification.from_pretrained(out, attn_implementation="eager").eval()
+        cu = batch["cu_seqlens"].tolist()
+        ids = batch["input_ids"][0]
+        with torch.no_grad():
+            got = torch.cat([hf(input_ids=ids[a:b][None], use_cache=False).logits for a, b in zip(cu[:-1], cu[1:])])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _read_submission(path: Path) -> tuple[list[str], np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0].keys()) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    probs = np.array([[float(r["winner_model_a"]), float(r["winner_model_b"]), float(r["winner_tie"])] for r in rows])
+    return [r["id"] for r in rows], probs
+
+
+def test_predict_matches_evaluation_and_tta(trained, tmp_path):
+    from launch.predict import main as predict_main
+
+    _, run_dir, result = trained
+    with open(EVAL_CSV) as f:
+        want_ids = [r["id"] for r in csv.DictReader(f)]
+    plain = predict_main([f"checkpoint={run_dir}", f"data.test_path={EVAL_CSV}", f"out={tmp_path / 'plain.csv'}",
+                          "tta=false"])
+    ids, probs = _read_submission(tmp_path / "plain.csv")
+    assert ids == want_ids and plain["rows"] == 457
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    # Same checkpoint, same rows: the log loss the training run's final evaluation reported.
+    assert plain["log_loss"] == pytest.approx(result.eval_metrics["log_loss"], abs=1e-6)
+
+    tta = predict_main([f"checkpoint={run_dir}", f"data.test_path={EVAL_CSV}", f"out={tmp_path / 'tta.csv'}"])
+    ids_tta, probs_tta = _read_submission(tmp_path / "tta.csv")
+    assert ids_tta == want_ids
+    np.testing.assert_allclose(probs_tta.sum(1), 1.0, atol=1e-6)
+    assert not np.allclose(probs_tta, probs)  # the swapped view really was averaged in
+    assert np.isfinite(tta["log_loss"])
+
+
+@pytest.mark.slow
+def test_predict_unlabelled_file_under_torchrun(trained, tmp_path):
+    _, run_dir, _ = trained
+    test_csv = tmp_path / "test.csv"
+    with open(EVAL_CSV) as f, open(test_csv, "w", newline="") as g:
+        reader = csv.DictReader(f)
+        cols = ["id", "prompt", "response_a", "response_b"]  # the Kaggle test schema: no labels
+        w = csv.DictWriter(g, fieldnames=cols)
+        w.writeheader()
+        for i, r in enumerate(reader):
+            if i < 40:
+                w.writerow({c: r[c] for c in cols})
+    out = tmp_path / "sub.csv"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "launch.predict", f"checkpoint={run_dir}", f"data.test_path={test_csv}", f"out={out}"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids, probs = _read_submission(out)
+    assert len(ids) == 40 and len(set(ids)) == 40
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
