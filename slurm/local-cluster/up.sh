@@ -101,13 +101,13 @@ chmod 0711 "$state"
 mdir="$state/munge"
 mkdir -p "$mdir"
 chown munge:munge "$mdir"
-chmod 0700 "$mdir"
+chmod 0711 "$mdir"   # others may traverse to the socket (munged warns otherwise)
 if ! runuser -u munge -- test -w "$mdir"; then
   rm -rf "$mdir"
   install -d -o munge -g munge -m 0755 /run/munge
   mdir="/run/munge/local-cluster-$(printf '%s' "$state" | sha1sum | cut -c1-12)"
   rm -rf "$mdir"
-  install -d -o munge -g munge -m 0700 "$mdir"
+  install -d -o munge -g munge -m 0711 "$mdir"
 fi
 echo "$mdir" >"$state/munge.dir"
 # Own key: 1 KiB random, readable by munge only.
