@@ -111,6 +111,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             for marker in (STOP_FILE, PREEMPTED_MARKER):
                 (self.run_dir / marker).unlink(missing_ok=True)
+        # Before the slow setup below: a SIGTERM/SIGUSR1 arriving during data loading or the
+        # checkpoint load must be recorded (stop after the first step), not kill the rank.
+        self.watcher = PreemptionWatcher(self.run_dir, self.info)
         seed_everything(tcfg.seed, self.info.rank)
 
         dcfg = cfg.data
@@ -153,7 +156,6 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, rank=self.info.rank, wandb_cfg=cfg.logging.wandb,
                                     run_config=to_container(cfg), resume_run_id=self.wandb_run_id)
         self.wandb_run_id = self.logger.run_id
-        self.watcher = PreemptionWatcher(self.run_dir, self.info)
         peak = tcfg.peak_flops_per_device
         self.peak_flops = flops_lib.peak_flops(flops_lib.detect_peak_key(self.info.device), peak)
 
@@ -269,7 +271,7 @@ class Trainer:
                     "peak_mem_gb": _peak_memory_gb(self.info.device), "epoch": epoch,
                     "tokens_seen": self.tokens_seen, "rows_seen": self.rows_seen,
                 }
-                self.logger.log(row, step=self.step)
+                self.logger.log({k: v for k, v in row.items() if v is not None}, step=self.step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
                 log.info("step %d/%d loss %.4f (step %.4f) lr %.3e gnorm %.3f tok/s %.0f", self.step,
                          self.total_steps, row["loss"], out["loss"], row["lr"], out["grad_norm"], tok_s)
