@@ -80,6 +80,11 @@ def test_non_utf8_bytes(tmp_path):
         read_rows(f)
     rows, report = read_rows(f, on_bad_row="skip")
     assert [r.id for r in rows] == [1, 3] and report.skipped_ids == {"non_utf8": ["2"]}
+    j = tmp_path / "enc.jsonl"
+    j.write_bytes(b"\n".join(json.dumps(r).encode() for r in [row(1), row(2, a=("XXXX",))])
+                  .replace(b"XXXX", b"caf\xe9"))
+    with pytest.raises(DataError, match=r"enc\.jsonl.*id '2'.*response_a.*non_utf8"):
+        read_rows(j)
 
 
 def test_duplicate_ids(tmp_path):

@@ -69,6 +69,8 @@ def test_cache_hit_and_key(tmp_path, train_cache):
     load_tokenized(ARENA / "eval.csv", TOK, 4096, on_bad_row="skip", cache_dir=e)
     small = load_tokenized(ARENA / "eval.csv", TOK, 1024, cache_dir=e)
     assert len(list(e.glob("*.npz"))) == 5 and small.lengths.max() <= 1024
+    suffix = PromptBuilder(load_tokenizer(str(TOK)), 1024).suffix
+    assert all(ends_with(small.tokens(i), suffix) and small.tokens(i)[0] == BOS_ID for i in range(len(small)))
     # the key is the file content: same bytes elsewhere hit, one changed byte misses
     copy = tmp_path / "eval.csv"
     data = (ARENA / "eval.csv").read_bytes()
@@ -149,3 +151,17 @@ def test_too_long_rows_follow_policy(tmp_path, caplog):
     ds = load_tokenized(f, TOK, 512, max_tokens=300, on_bad_row="skip", cache_dir=tmp_path)
     assert ds.row_ids.tolist() == [1] and ds.labels is None
     assert ds.report.skipped_ids == {"too_long": [2]}
+
+
+def test_prepare_from_config(tmp_path):
+    from trainer.data.prepare import load_split, prepare_from_config
+
+    cfg = {"train_path": None, "eval_path": str(ARENA / "eval.csv"), "test_path": None,
+           "tokenizer_path": str(TOK), "max_length": 1024, "max_tokens": 16384, "on_bad_row": "error",
+           "prompt_layout": "interleaved", "swap_ab": True, "num_workers": 0, "cache_dir": str(tmp_path)}
+    out = prepare_from_config(cfg)
+    assert sorted(out) == ["eval", "eval_swapped"] and out["eval_swapped"].swapped.all()
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    again = load_split(cfg, "eval")  # what the training job calls: a cache hit
+    np.testing.assert_array_equal(again.input_ids, out["eval"].input_ids)
+    assert load_split(cfg, "test") is None

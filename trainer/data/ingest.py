@@ -134,11 +134,17 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
     for n, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        text = raw.decode("utf-8", errors="surrogateescape")
         try:
-            rec = json.loads(text)
+            raw.decode("utf-8")
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        try:
+            rec = json.loads(raw.decode("utf-8", errors="surrogateescape"))
             if not isinstance(rec, dict):
                 raise ValueError("not an object")
+            if not valid:  # name the fields that hold the undecodable bytes
+                rec["__non_utf8__"] = [k for k, v in rec.items() if _has_surrogate(json.dumps(v, ensure_ascii=False))]
         except ValueError as e:
             rec = {"__bad__": f"invalid JSON line: {e}", "id": ""}
         records.append((f"row {len(records) + 1} (line {n})", rec))
@@ -232,6 +238,8 @@ def _parse_label(rec: dict) -> np.ndarray:
 def parse_record(rec: dict, has_labels: bool) -> ArenaRow:
     if "__bad__" in rec:
         raise BadRow("bad_record", "*", rec["__bad__"])
+    if rec.get("__non_utf8__"):
+        raise BadRow("non_utf8", ",".join(rec["__non_utf8__"]), "holds bytes that are not UTF-8")
     for name in REQUIRED:
         if name not in rec:
             raise BadRow("missing_field", name, "field absent in this record")
