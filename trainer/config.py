@@ -157,7 +157,8 @@ class LauncherConfig:
     # Consumed by launch.submit (submitit); slurm/train.sh reads #SBATCH lines instead.
     executor: str = "auto"  # auto (slurm when sbatch is on PATH) | slurm | local
     nodes: int = 1
-    gpus_per_node: int = 8
+    gpus_per_node: int = 8  # GPUs requested per node (0 on CPU-only clusters)
+    nproc_per_node: Optional[int] = None  # ranks per node; defaults to gpus_per_node
     cpus_per_task: int = 16
     mem_gb: Optional[int] = None
     timeout_min: int = 240
@@ -184,10 +185,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    # Free-form keys for entry points (launch.export / launch.predict: checkpoint=..., out=...).
-    checkpoint_path: Optional[str] = None
-    out: Optional[str] = None
-    tta: bool = True
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -72,14 +72,15 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 class PreemptionWatcher:
-    """SIGTERM / SIGUSR1 (Slurm's pre-timeout and preemption signals) or a STOP file ask the
-    job to finish its current step, checkpoint and exit. All ranks agree once per step."""
+    """SIGTERM, SIGUSR1 (slurm/train.sh's pre-timeout signal), SIGUSR2 (submitit's) or a STOP
+    file ask the job to finish its current step, checkpoint and exit. All ranks agree once
+    per step, so a signal that reached only some ranks still stops all of them together."""
 
     def __init__(self, run_dir: Path, info: DistInfo):
         self.run_dir = run_dir
         self.info = info
         self.requested_by: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             try:
                 signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. some test harnesses)

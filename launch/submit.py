@@ -1,0 +1,184 @@
+"""Submit a training job to Slurm with submitit (or run it locally for debugging).
+
+    python -m launch.submit +experiment=gemma2_9b launcher.nodes=4 [hydra overrides]
+    python -m launch.submit +experiment=gemma2_9b --dry-run     # print config + Slurm parameters
+    python -m launch.submit +experiment=cpu_demo --local launcher.nproc_per_node=2
+
+One Slurm task per node runs a torchrun agent that starts the node's ranks (the same shape as
+slurm/train.sh). Why one task per node rather than one per GPU: torchrun gives every rank
+LOCAL_RANK/LOCAL_WORLD_SIZE and a c10d rendezvous without Slurm-specific code in the trainer,
+watches its ranks and tears the node down together when one fails, and the trainer sees the
+same environment under sbatch, submitit and a workstation.
+
+Preemption: submitit asks Slurm for SIGUSR2 ahead of the time limit (launcher.signal_delay_s).
+The torchrun agents ignore it (SIG_IGN is inherited through exec), the training ranks treat it
+as a stop request; on task 0 submitit calls `TorchrunJob.checkpoint`, which also drops a STOP
+file in the run directory, waits for the ranks to checkpoint and exit, and hands submitit the
+same job to requeue. The requeued job resumes from that checkpoint, in the same run directory
+(fixed at submission) and the same wandb run (its id is in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from trainer.config import PROJECT_ROOT, compose, to_container
+from trainer.runtime import PREEMPTED_MARKER, STOP_FILE
+
+
+def _ignore_user_signals() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _head_address() -> str:
+    """First node of the allocation, by its NodeAddr (node names need not resolve)."""
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    head = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    info = subprocess.run(["scontrol", "show", "node", "-o", head], capture_output=True, text=True).stdout
+    for field in info.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return head
+
+
+class TorchrunJob:
+    """The submitted callable: one per node, runs torchrun -m launch.train and waits."""
+
+    def __init__(self, overrides: list[str], run_dir: str, nproc_per_node: int, rdzv_port: int,
+                 stop_timeout_s: float = 600.0):
+        self.overrides = list(overrides)
+        self.run_dir = run_dir
+        self.nproc_per_node = nproc_per_node
+        self.rdzv_port = rdzv_port
+        self.stop_timeout_s = stop_timeout_s
+        self._proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}"]
+        if "SLURM_JOB_ID" in os.environ:
+            job_id = os.environ["SLURM_JOB_ID"]
+            torchrun += [f"--nnodes={os.environ.get('SLURM_NNODES', '1')}", "--rdzv-backend=c10d",
+                         f"--rdzv-endpoint={_head_address()}:{self.rdzv_port}", f"--rdzv-id={job_id}",
+                         "--max-restarts=0"]
+        else:
+            torchrun += ["--standalone"]
+        return torchrun + ["-m", "launch.train", *self.overrides, f"trainer.run_dir={self.run_dir}"]
+
+    def __call__(self) -> dict[str, Any]:
+        run_dir = Path(self.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("RANK", None)  # torchrun sets the ranks' variables itself
+        self._proc = subprocess.Popen(self.command(), cwd=str(PROJECT_ROOT), env=env,
+                                      preexec_fn=_ignore_user_signals)
+        rc = self._proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"torchrun exited with {rc}; see the job log and {run_dir}/logs/")
+        result_file = run_dir / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        if (run_dir / PREEMPTED_MARKER).exists() and os.environ.get("SLURM_PROCID", "0") == "0" \
+                and "SLURM_JOB_ID" in os.environ:
+            # Stopped by a SIGTERM preemption (submitit does not requeue on TERM): requeue ourselves.
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's hook on the pre-timeout/preemption signal (task 0 only)."""
+        import submitit
+
+        (Path(self.run_dir) / STOP_FILE).touch()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        fresh = TorchrunJob(self.overrides, self.run_dir, self.nproc_per_node, self.rdzv_port, self.stop_timeout_s)
+        return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:  # the Popen handle does not travel
+        state = dict(self.__dict__)
+        state["_proc"] = None
+        return state
+
+
+def slurm_parameters(lc) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "nodes": lc.nodes, "tasks_per_node": 1, "cpus_per_task": lc.cpus_per_task, "timeout_min": lc.timeout_min,
+        "name": lc.job_name, "slurm_signal_delay_s": lc.signal_delay_s, "slurm_max_num_timeout": lc.max_requeues,
+    }
+    if lc.gpus_per_node:
+        params["gpus_per_node"] = lc.gpus_per_node
+    if lc.mem_gb:
+        params["mem_gb"] = lc.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        if lc[key]:
+            params[f"slurm_{key}"] = lc[key]
+    if lc.setup:
+        params["slurm_setup"] = list(lc.setup)
+    return params
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--dry-run" in args
+    local = "--local" in args
+    wait = "--wait" in args
+    overrides = [a for a in args if a not in ("--dry-run", "--local", "--wait")]
+    cfg = compose(overrides)  # validates: a typo fails here, before anything is submitted
+    lc = cfg.launcher
+    executor_kind = "local" if local else lc.executor
+    if executor_kind == "auto":
+        executor_kind = "slurm" if shutil.which("sbatch") else "local"
+    nproc = lc.nproc_per_node or lc.gpus_per_node or 1
+    run_dir = cfg.trainer.run_dir or str(PROJECT_ROOT / "runs" / f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = str(Path(run_dir).expanduser().resolve())
+    train_overrides = [o for o in overrides if not o.lstrip("+").startswith(("launcher.", "trainer.run_dir="))]
+    params = slurm_parameters(lc)
+
+    if dry_run:
+        print("# resolved training config")
+        print(OmegaConf.to_yaml(to_container(cfg)))
+        print("# submission")
+        print(json.dumps({"executor": executor_kind, "run_dir": run_dir, "nproc_per_node": nproc,
+                          "slurm": params, "overrides": train_overrides}, indent=1))
+        return {"dry_run": True, "slurm": params, "run_dir": run_dir, "executor": executor_kind}
+
+    import submitit
+
+    folder = Path(lc.folder)
+    if not folder.is_absolute():
+        folder = PROJECT_ROOT / folder
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="local" if executor_kind == "local" else None)
+    if executor_kind == "local":
+        executor.update_parameters(timeout_min=lc.timeout_min, name=lc.job_name)
+    else:
+        executor.update_parameters(**params)
+    job = executor.submit(TorchrunJob(train_overrides, run_dir, nproc, lc.rdzv_port))
+    print(f"submitted job {job.job_id} ({executor_kind})")
+    print(f"  stdout: {job.paths.stdout}")
+    print(f"  stderr: {job.paths.stderr}")
+    print(f"  run directory: {run_dir}")
+    out: dict[str, Any] = {"job_id": job.job_id, "run_dir": run_dir, "executor": executor_kind,
+                           "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
+    if wait:
+        out["result"] = job.result()
+        print(f"job {job.job_id} finished: {out['result']}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
