@@ -197,8 +197,9 @@ class Trainer:
         saved position (the sampler moves past a Step when it is handed out)."""
         if self.step >= self.total_steps:
             return iter(())
-        return make_step_loader(self.train_ds, self.sampler, num_workers=self.cfg.data.loader_workers,
-                                max_epochs=self.cfg.trainer.epochs)
+        loader = make_step_loader(self.train_ds, self.sampler, num_workers=self.cfg.data.loader_workers,
+                                  max_epochs=self.cfg.trainer.epochs)
+        return _rng_untouched(loader)
 
     def train_step(self, micro_batches: list[dict[str, Any]], rows_in_step: int) -> dict[str, float]:
         model, dev, world = self.model, self.info.device, self.info.world_size
@@ -321,6 +322,26 @@ class Trainer:
             log.info("eval step %d: log_loss %.4f accuracy %.4f macro_f1 %.4f (n=%d)", self.step,
                      metrics["log_loss"], metrics["accuracy"], metrics["macro_f1"], metrics["n"])
         return metrics
+
+
+def _rng_untouched(steps: Iterator[Step]) -> Iterator[Step]:
+    """Yield from `steps` without letting it move the global CPU RNG.
+
+    torch's DataLoader draws a base seed from the global generator whenever an iterator is
+    created. A resumed run creates it right after restoring the checkpoint's RNG state, an
+    uninterrupted one at step 0, so that draw would shift the dropout stream of every resumed
+    run by one and break bitwise resume.
+    """
+    it = iter(steps)
+    while True:
+        state = torch.get_rng_state()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            torch.set_rng_state(state)
+        yield item
 
 
 def _peak_memory_gb(device: torch.device) -> float:
