@@ -106,7 +106,9 @@ def throughput_rows(n_rows: int, num_workers: int = 2) -> list[dict]:
                  n_rows / cold, "cached >= 20x cold", "rows/s")]
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, smoke: bool = False) -> list[dict]:
+    """smoke: the aggregator's smallest mode (bench.run --smoke): quick, but 500 rows tokenized."""
+    quick = quick or smoke
     lengths = load_tokenized(TRAIN, TOK, MAX_LENGTH, num_workers=2).lengths.astype(np.int64)
     rows = []
     for ws in ((4,) if quick else (1, 4, 8)):
@@ -114,7 +116,7 @@ def run(quick: bool = False) -> list[dict]:
     # the 27B setting: 2,048-token budget, rows truncated to 2,048
     short = load_tokenized(TRAIN, TOK, 2048, num_workers=2).lengths.astype(np.int64)
     rows += packing_rows(short, 4, budget=2048)
-    rows += throughput_rows(5_000 if quick else 55_000)
+    rows += throughput_rows(500 if smoke else 5_000 if quick else 55_000)
     return rows
 
 
