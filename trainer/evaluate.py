@@ -20,6 +20,7 @@ from .data.sampler import TokenBudgetSampler
 from .data.tokenize import TokenizedDataset
 from .distributed import DistInfo, all_gather_objects
 from .metrics import classification_metrics
+from .tracking import progress
 
 log = logging.getLogger(__name__)
 CLASS_NAMES = ("a", "b", "tie")
@@ -36,7 +37,10 @@ def predict_probs(model: torch.nn.Module, ds: TokenizedDataset, info: DistInfo, 
     collate = VarlenCollator()
     local_idx: list[int] = []
     local_probs: list[np.ndarray] = []
-    for mb in sampler.plan_step(0, 0):
+    plan = sampler.plan_step(0, 0)
+    bar = progress(len(plan), "eval", info.rank)
+    for mb in plan:
+        bar.update(1)
         batch = collate([Item(ds.tokens(i), ds.label(i), i, w) for i, w in zip(mb.indices, mb.weights)])
         logits = model(**{k: (v.to(info.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
@@ -44,6 +48,7 @@ def predict_probs(model: torch.nn.Module, ds: TokenizedDataset, info: DistInfo, 
             if w > 0:
                 local_idx.append(int(i))
                 local_probs.append(p)
+    bar.close()
     model.train(was_training)
     gathered = all_gather_objects((local_idx, local_probs))
     probs_by_row: dict[int, np.ndarray] = {}
