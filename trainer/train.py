@@ -61,22 +61,59 @@ def model_args_from_config(mcfg: DictConfig) -> ModelArgs:
     return ModelArgs(**values)
 
 
+def _pretrained_overrides(mcfg: DictConfig) -> dict[str, Any]:
+    overrides = dict(head=mcfg.head, head_dropout=mcfg.head_dropout, attn_impl=mcfg.attn_impl,
+                     rope_impl=mcfg.rope_impl, last_layer_pooled_only=mcfg.last_layer_pooled_only,
+                     activation_checkpointing=mcfg.activation_checkpointing, num_labels=mcfg.num_labels)
+    if mcfg.query_pre_attn_scalar is not None:  # the 9B release changed 224 -> 256
+        overrides["query_pre_attn_scalar"] = mcfg.query_pre_attn_scalar
+    return overrides
+
+
+def _pretrained_dir(mcfg: DictConfig) -> Path:
+    path = Path(mcfg.name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.name_or_path={path}: no config.json there (a transformers Gemma 2 "
+                                "directory is expected; set model.name_or_path=null to train from scratch)")
+    return path
+
+
 def build_model(mcfg: DictConfig) -> Gemma2Classifier:
-    """From scratch (same seed on every rank gives identical weights) or from a HF directory."""
+    """Full model on this process: from scratch (the same seed on every rank gives identical
+    weights) or read tensor by tensor from a transformers Gemma 2 directory."""
     if mcfg.name_or_path:
-        overrides = dict(head_dropout=mcfg.head_dropout, attn_impl=mcfg.attn_impl, rope_impl=mcfg.rope_impl,
-                         last_layer_pooled_only=mcfg.last_layer_pooled_only,
-                         activation_checkpointing=mcfg.activation_checkpointing, num_labels=mcfg.num_labels)
-        if mcfg.query_pre_attn_scalar is not None:
-            overrides["query_pre_attn_scalar"] = mcfg.query_pre_attn_scalar
-        path = Path(mcfg.name_or_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.name_or_path={path}: no config.json there (a transformers Gemma 2 "
-                                    "directory is expected; set model.name_or_path=null to train from scratch)")
-        model = Gemma2Classifier.from_pretrained(path, head=mcfg.head, dtype=DTYPES[mcfg.dtype], **overrides)
+        overrides = _pretrained_overrides(mcfg)
+        head = overrides.pop("head")
+        model = Gemma2Classifier.from_pretrained(_pretrained_dir(mcfg), head=head, dtype=DTYPES[mcfg.dtype],
+                                                 **overrides)
+        return model.train()
+    return Gemma2Classifier(model_args_from_config(mcfg)).to(DTYPES[mcfg.dtype])
+
+
+def build_sharded_model(mcfg: DictConfig, pcfg: DictConfig, info: DistInfo, mesh) -> Gemma2Classifier:
+    """FSDP2-sharded model. Pretrained weights are read once, by rank 0, and streamed to the
+    other ranks' shards (they build on the meta device), so a node does not hold one full
+    copy of the checkpoint per GPU in host memory."""
+    shard = dict(param_dtype=pcfg.param_dtype, reduce_dtype=pcfg.reduce_dtype,
+                 reshard_after_forward=pcfg.reshard_after_forward, cpu_offload=pcfg.cpu_offload)
+    if not mcfg.name_or_path or info.world_size == 1:
+        return shard_model(build_model(mcfg).to(info.device), mesh, **shard)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full_state: dict[str, torch.Tensor] = {}
+    if info.is_main:
+        model = build_model(mcfg)
+        full_state = {k: v.detach() for k, v in model.state_dict().items()}
+        model = model.to(info.device)
     else:
-        model = Gemma2Classifier(model_args_from_config(mcfg))
-    return model.to(DTYPES[mcfg.dtype])
+        args = ModelArgs.from_hf_config(_pretrained_dir(mcfg), **_pretrained_overrides(mcfg))
+        with torch.device("meta"):
+            model = Gemma2Classifier(args).to(DTYPES[mcfg.dtype])
+    model = shard_model(model, mesh, **shard)
+    if not info.is_main:
+        model.to_empty(device=info.device)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model.train()
 
 
 def _soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,13 +167,9 @@ class Trainer:
                  self.total_steps)
 
         torch.manual_seed(tcfg.seed)  # identical init on every rank, whatever happened above
-        model = build_model(cfg.model)
-        self.model_args: ModelArgs = model.args
         self.mesh = build_mesh(self.info, cfg.parallel.dp_replicate)
-        self.model = shard_model(model.to(self.info.device), self.mesh, param_dtype=cfg.parallel.param_dtype,
-                                 reduce_dtype=cfg.parallel.reduce_dtype,
-                                 reshard_after_forward=cfg.parallel.reshard_after_forward,
-                                 cpu_offload=cfg.parallel.cpu_offload)
+        self.model = build_sharded_model(cfg.model, cfg.parallel, self.info, self.mesh)
+        self.model_args: ModelArgs = self.model.args
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler_from_cfg(self.optimizer, cfg.optim, self.total_steps)
         # Dropout streams differ per rank; restored exactly from checkpoints on resume.
