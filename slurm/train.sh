@@ -125,11 +125,13 @@ log "overrides: ${overrides[*]}"
 srun_pid=
 usr1=0
 term=0
+# shellcheck disable=SC2317  # invoked by trap
 on_usr1() {
   usr1=1
   log "SIGUSR1: asking the ranks to checkpoint and stop"
   [ -n "$srun_pid" ] && kill -USR1 "$srun_pid" 2>/dev/null
 }
+# shellcheck disable=SC2317  # invoked by trap
 on_term() {
   term=1
   log "SIGTERM: forwarding to srun (no self-requeue)"

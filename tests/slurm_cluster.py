@@ -148,23 +148,32 @@ class SlurmCluster:
 
         Accounting is off, so this polls ``scontrol show job`` (jobs stay visible for
         MinJobAge=120 s after they end). Slurm holds a requeued job for 120 s (reason
-        BeginTime); with ``fast_requeue`` the hold is lifted at once (StartTime=now).
+        BeginTime); with ``fast_requeue`` the hold is lifted after 3 s (StartTime=now).
         Raises TimeoutError with the job's last record on timeout.
         """
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
+        held_since: float | None = None
         while time.monotonic() < deadline:
             info = self.job_info(job_id)
             st = info.get("JobState", "UNKNOWN")
             if st in states:
                 return st
-            if (
+            held = (
                 fast_requeue
                 and st == "PENDING"
                 and info.get("Reason") == "BeginTime"
                 and info.get("Restarts", "0") != "0"
-            ):
+            )
+            if not held:
+                held_since = None
+            elif held_since is None:
+                held_since = time.monotonic()
+            elif time.monotonic() - held_since >= 3:
+                # Not at once: slurmd refuses a relaunch whose credential is from the same
+                # second as the requeue ("Job credential revoked"), the reason for the hold.
                 self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+                held_since = None
             time.sleep(poll)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout}s: {info}")
 

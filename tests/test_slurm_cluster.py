@@ -57,6 +57,15 @@ def test_cluster_has_two_idle_nodes(slurm_cluster):  # noqa: F811
     assert sorted(set(out.split("\n")) - {""}) == ["n1 idle", "n2 idle"], out
 
 
+def test_up_is_idempotent(slurm_cluster):  # noqa: F811
+    import subprocess
+
+    up = REPO_ROOT / "slurm" / "local-cluster" / "up.sh"
+    proc = subprocess.run([str(up), str(slurm_cluster.state_dir)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "already up" in proc.stdout, proc
+
+
 def test_torchrun_two_nodes_world_size_4(slurm_cluster, tmp_path):  # noqa: F811
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the throwaway local Slurm cluster scripts (sourced, not run).
 #
 # Layout of STATE_DIR (everything the cluster owns lives here):

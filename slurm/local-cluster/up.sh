@@ -82,6 +82,7 @@ mkdir -p "$state/log" "$state/state" "$state/spool"
 # The child writes its own PID (after unshare, before exec) so setsid forking or not
 # does not matter. stdio to /dev/null so callers capturing our output do not hang.
 rm -f "$state/netns.pid"
+# shellcheck disable=SC2016  # $$ is expanded by the inner sh
 setsid unshare -n sh -c 'echo $$ > "$1"; exec sleep infinity' sh "$state/netns.pid" \
   </dev/null >/dev/null 2>&1 &
 for _ in $(seq 50); do
