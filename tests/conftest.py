@@ -37,3 +37,7 @@ def tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO
+
+# The throwaway Slurm cluster fixture (tests/slurm_cluster.py); tests/ is on sys.path under
+# pytest's default import mode.
+pytest_plugins = ["slurm_cluster"]
