@@ -75,10 +75,12 @@ def test_hsdp_2x2_equals_one_process(reference, tmp_path):
 
 def test_non_finite_loss_stops_with_step_and_rows(tmp_path):
     """lr=1e30: step 1 runs at lr 0 (warm-up), step 2 blows the weights up, step 3's loss is
-    NaN. The run must stop at that step, name it and the rows, and not checkpoint it."""
+    NaN. The run must stop at that step, name it and the rows, and not checkpoint it. Saves
+    are async, so the last good step's save is still in flight when the bad step is found: it
+    must be committed, not left as a .tmp."""
     run_dir = tmp_path / "nan"
-    proc = h.run(run_dir, 2, ["optim.lr=1e30", "checkpoint.every_steps=1", "trainer.max_steps=6"],
-                 check=False)
+    proc = h.run(run_dir, 2, ["optim.lr=1e30", "checkpoint.every_steps=1", "checkpoint.async_save=true",
+                              "trainer.max_steps=6"], check=False)
     text = h.log_text(proc)
     assert proc.returncode != 0
     m = re.search(r"non-finite loss or gradient at step (\d+): .*rows with non-finite loss: \[([^\]]*)\]", text)

@@ -259,6 +259,7 @@ class Trainer:
         if g_bad > 0 or not math.isfinite(g_loss) or not math.isfinite(grad_norm):
             ids = [i for part in all_gather_objects(bad_rows) for i in part]
             self.optimizer.zero_grad(set_to_none=True)
+            self.checkpointer.wait()  # every rank is here: commit an in-flight async save of a good step
             raise TrainingDiverged(
                 f"non-finite loss or gradient at step {self.step + 1}: loss={g_loss}, grad_norm={grad_norm}, "
                 f"rows with non-finite loss: {ids[:50]}; stopped before the optimizer update (no checkpoint written)")
