@@ -250,3 +250,39 @@ def test_resumed_at_final_step_evaluates_and_finishes(tmp_path):
     assert (run_dir / ".done").exists()
     h.assert_weights_equal(h.load_weights(h.latest_checkpoint(run_dir)),
                            h.load_weights(h.latest_checkpoint(ref)))
+
+
+def test_rng_entry_saved_on_another_device_kind_loads(tmp_path, monkeypatch):
+    """In process (world of one): a checkpoint whose RNG entry is longer than this device's
+    (a CUDA run stores CPU + CUDA state) loads on CPU, restoring the CPU part exactly."""
+    import torch
+    import torch.distributed as dist
+
+    import trainer.checkpoint as ck
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        torch.manual_seed(123)
+        expected = torch.get_rng_state()
+        monkeypatch.setattr(ck, "_rng_state", lambda device: torch.cat([torch.get_rng_state(),
+                                                                         torch.full((16,), 7, dtype=torch.uint8)]))
+        cp = Checkpointer(tmp_path / "ckpts", rank=0)
+        cp.save(1, model, opt, {"step": 1, "seed": 0})
+        monkeypatch.undo()
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(999)
+        with torch.no_grad():
+            model.weight.zero_()
+        state = cp.load(tmp_path / "ckpts" / "step-00000001", model, opt)
+        assert state["step"] == 1
+        assert torch.equal(torch.get_rng_state(), expected)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, weights[k])
+    finally:
+        dist.destroy_process_group()

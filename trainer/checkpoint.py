@@ -257,10 +257,12 @@ class Checkpointer:
         trainer_state = verify_checkpoint(path)
         msd, osd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": msd, "optim": osd}
-        saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
-        has_rng = _rng_key(self.rank) in saved_keys
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        has_rng = _rng_key(self.rank) in saved
         if has_rng:
-            state[_rng_key(self.rank)] = _rng_state(self.device)
+            # Sized as saved: a CUDA run's entry (CPU + CUDA state) is longer than a CPU run's.
+            meta = saved[_rng_key(self.rank)]
+            state[_rng_key(self.rank)] = torch.empty(meta.size, dtype=meta.properties.dtype)
         dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=True))
