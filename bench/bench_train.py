@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 ROWS_PER_MICRO = 4
 # mode: (max_len, rows, global_batch_rows, reps)
-MODES = {"smoke": (256, 16, 8, 1), "quick": (512, 48, 16, 3), "full": (1024, 96, 16, 5)}
+MODES = {"smoke": (256, 16, 8, 1), "quick": (512, 48, 16, 5), "full": (1024, 96, 16, 5)}
 _LENGTH_CACHE: dict[int, np.ndarray] = {}
 
 

@@ -42,8 +42,10 @@ def test_smoke_runs_every_benchmark_and_prints_the_table(repo_dir, tmp_path):
         assert got["status"] == "ok", (bench, got)
         for r in got["rows"]:
             assert ROW_KEYS <= set(r), r
-            if r["status"] == "ok":
-                assert _numeric(r["ours"]) and _numeric(r["alternative"]) and _numeric(r["ratio"]), r
+            if r["status"] == "ok":  # a figure with no alternative (e.g. checkpoint load time) may leave it out
+                assert _numeric(r["ours"]), r
+                assert all(_numeric(r[k]) or r[k] is None for k in ("alternative", "ratio")), r
+        assert any(all(_numeric(r[k]) for k in ("ours", "alternative", "ratio")) for r in got["rows"]), bench
 
 
 def test_only_subset_json_and_unknown_name(tmp_path, capsys):
