@@ -111,7 +111,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, reps: int, root: s
 
 
 def measure(cfg_dict: dict, reps: int, world: int = 2) -> dict:
-    from trainer.distributed import _free_port
+    from trainer.distributed import free_port as _free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = tempfile.mkdtemp(prefix="bench-ckpt-")

@@ -88,7 +88,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, rows: 
 
 
 def measure(world: int, cfg_dict: dict, steps: int, rows: int = 8, seq: int = 128) -> dict:
-    from trainer.distributed import _free_port
+    from trainer.distributed import free_port as _free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as d:

@@ -26,7 +26,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A currently free TCP port on loopback (for tests and benchmarks that spawn ranks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -61,9 +62,11 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     collectives run the same code at every scale.
     """
     _env_from_slurm()
+    store = None
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        # A lone process: an in-memory store, so no TCP port is needed (or raced for).
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        store = dist.HashStore()
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -80,8 +83,9 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
+        kwargs = dict(store=store, rank=rank, world_size=world_size) if store is not None else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if use_cuda else None)
+                                device_id=dev if use_cuda else None, **kwargs)
     return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend)
 
 
