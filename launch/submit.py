@@ -53,6 +53,24 @@ def _head_address() -> str:
     return head
 
 
+def _wait_exited(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for child `pid` to exit, without reaping it.
+
+    Not Popen.wait(timeout): this runs in submitit's signal handler, which interrupts the
+    Popen.wait() in TorchrunJob.__call__ while that holds the Popen's waitpid lock, so a
+    nested wait could never take the lock and would always sleep out the full timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # already reaped
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
 class TorchrunJob:
     """The submitted callable: one per node, runs torchrun -m launch.train and waits."""
 
@@ -102,10 +120,7 @@ class TorchrunJob:
 
         (Path(self.run_dir) / STOP_FILE).touch()
         if self._proc is not None:
-            try:
-                self._proc.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
+            _wait_exited(self._proc.pid, self.stop_timeout_s)
         fresh = TorchrunJob(self.overrides, self.run_dir, self.nproc_per_node, self.rdzv_port, self.stop_timeout_s)
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 
@@ -116,9 +131,14 @@ class TorchrunJob:
 
 
 def slurm_parameters(lc) -> dict[str, Any]:
+    """executor.update_parameters(...) for Slurm. (launcher.max_requeues is not one of them: it
+    is submitit's slurm_max_num_timeout, an AutoExecutor constructor argument.)"""
     params: dict[str, Any] = {
         "nodes": lc.nodes, "tasks_per_node": 1, "cpus_per_task": lc.cpus_per_task, "timeout_min": lc.timeout_min,
-        "name": lc.job_name, "slurm_signal_delay_s": lc.signal_delay_s, "slurm_max_num_timeout": lc.max_requeues,
+        "name": lc.job_name, "slurm_signal_delay_s": lc.signal_delay_s,
+        # As in slurm/train.sh: when one node's torchrun fails, end the step instead of leaving
+        # the other nodes' agents waiting (in a collective, or torchrun's 300 s exit barrier).
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
     }
     if lc.gpus_per_node:
         params["gpus_per_node"] = lc.gpus_per_node
@@ -130,6 +150,24 @@ def slurm_parameters(lc) -> dict[str, Any]:
     if lc.setup:
         params["slurm_setup"] = list(lc.setup)
     return params
+
+
+def build_executor(lc, executor_kind: str):
+    """A submitit executor writing its files under <launcher.folder>/<job id>/."""
+    import submitit
+
+    folder = Path(lc.folder)
+    if not folder.is_absolute():
+        folder = PROJECT_ROOT / folder
+    if executor_kind == "local":
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="local")
+        executor.update_parameters(timeout_min=lc.timeout_min, name=lc.job_name)
+    else:
+        # slurm_max_num_timeout: how often a timed-out job is requeued (preemptions: always).
+        executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm",
+                                         slurm_max_num_timeout=lc.max_requeues)
+        executor.update_parameters(**slurm_parameters(lc))
+    return executor
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -154,19 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(OmegaConf.to_yaml(to_container(cfg)))
         print("# submission")
         print(json.dumps({"executor": executor_kind, "run_dir": run_dir, "nproc_per_node": nproc,
-                          "slurm": params, "overrides": train_overrides}, indent=1))
+                          "slurm": params, "max_requeues": lc.max_requeues, "overrides": train_overrides}, indent=1))
         return {"dry_run": True, "slurm": params, "run_dir": run_dir, "executor": executor_kind}
 
-    import submitit
-
-    folder = Path(lc.folder)
-    if not folder.is_absolute():
-        folder = PROJECT_ROOT / folder
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="local" if executor_kind == "local" else None)
-    if executor_kind == "local":
-        executor.update_parameters(timeout_min=lc.timeout_min, name=lc.job_name)
-    else:
-        executor.update_parameters(**params)
+    executor = build_executor(lc, executor_kind)
     job = executor.submit(TorchrunJob(train_overrides, run_dir, nproc, lc.rdzv_port))
     print(f"submitted job {job.job_id} ({executor_kind})")
     print(f"  stdout: {job.paths.stdout}")
@@ -175,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"job_id": job.job_id, "run_dir": run_dir, "executor": executor_kind,
                            "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
     if wait:
-        out["result"] = job.result()
+        # One task per node; each returns result.json of the shared run dir: take task 0's.
+        out["result"] = job.results()[0]
         print(f"job {job.job_id} finished: {out['result']}")
     return out
 

@@ -39,3 +39,55 @@ def test_local_executor_runs_the_job(tmp_path):
     assert out["result"]["steps"] == 2 and Path(out["result"]["checkpoint"]).is_dir()
     assert json.loads((run_dir / "result.json").read_text())["steps"] == 2
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank-0.log", "rank-1.log"]
+
+
+def test_slurm_executor_accepts_the_parameters(tmp_path):
+    """Every launcher setting maps to a parameter submitit's Slurm executor knows (no sbatch
+    is run: building and configuring the executor validates the names)."""
+    from launch.submit import build_executor
+    from trainer.config import compose
+
+    cfg = compose(["+experiment=gemma2_9b", "launcher.nodes=2", "launcher.partition=gpu", "launcher.mem_gb=64",
+                   "launcher.max_requeues=4", f"launcher.folder={tmp_path}"])
+    executor = build_executor(cfg.launcher, "slurm")
+    assert executor.cluster == "slurm"
+    assert executor._executor.max_num_timeout == 4
+    assert executor._executor.parameters["nodes"] == 2
+    assert executor._executor.parameters["srun_args"] == ["--kill-on-bad-exit=1"]
+
+
+def test_checkpoint_hook_returns_once_torchrun_exits(tmp_path):
+    """submitit calls TorchrunJob.checkpoint from its signal handler, interrupting the
+    Popen.wait() in __call__; the hook must return as soon as torchrun has exited, not after
+    stop_timeout_s (Popen's waitpid lock is held by the interrupted wait)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import submitit
+
+    from launch.submit import TorchrunJob
+
+    job = TorchrunJob(["+experiment=cpu_demo"], str(tmp_path), 2, 29500, stop_timeout_s=30)
+    job._proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    got = {}
+
+    def handler(signum, frame):
+        t0 = time.monotonic()
+        got["delayed"] = job.checkpoint()
+        got["s"] = time.monotonic() - t0
+
+    old = signal.signal(signal.SIGUSR2, handler)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        assert job._proc.wait(timeout=60) == 0
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert got["s"] < 10, got
+    assert (tmp_path / "STOP").exists()
+    delayed = got["delayed"]
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert isinstance(delayed.function, TorchrunJob) and delayed.function.run_dir == str(tmp_path)
