@@ -74,7 +74,7 @@ def _wait_exited(pid: int, timeout: float) -> bool:
 class TorchrunJob:
     """The submitted callable: one per node, runs torchrun -m launch.train and waits."""
 
-    def __init__(self, overrides: list[str], run_dir: str, nproc_per_node: int, rdzv_port: int,
+    def __init__(self, overrides: list[str], run_dir: str, nproc_per_node: int, rdzv_port: int | None,
                  stop_timeout_s: float = 600.0):
         self.overrides = list(overrides)
         self.run_dir = run_dir
@@ -87,9 +87,9 @@ class TorchrunJob:
         torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc_per_node}"]
         if "SLURM_JOB_ID" in os.environ:
             job_id = os.environ["SLURM_JOB_ID"]
+            port = self.rdzv_port or 20000 + int(job_id) % 20000
             torchrun += [f"--nnodes={os.environ.get('SLURM_NNODES', '1')}", "--rdzv-backend=c10d",
-                         f"--rdzv-endpoint={_head_address()}:{self.rdzv_port}", f"--rdzv-id={job_id}",
-                         "--max-restarts=0"]
+                         f"--rdzv-endpoint={_head_address()}:{port}", f"--rdzv-id={job_id}", "--max-restarts=0"]
         else:
             torchrun += ["--standalone"]
         return torchrun + ["-m", "launch.train", *self.overrides, f"trainer.run_dir={self.run_dir}"]

@@ -170,7 +170,7 @@ class LauncherConfig:
     folder: str = "logs/submitit"
     signal_delay_s: int = 300
     max_requeues: int = 10
-    rdzv_port: int = 29500
+    rdzv_port: Optional[int] = None  # null: 20000 + job id % 20000, as slurm/train.sh does
     setup: list[str] = field(default_factory=list)  # shell lines run before torchrun
 
 

@@ -91,6 +91,9 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
+        # Every rank leaves its last collective before any rank tears its group down: a peer
+        # still talking to a destroyed gloo group was seen to abort at interpreter exit.
+        barrier()
         dist.destroy_process_group()
 
 
