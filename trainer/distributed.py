@@ -63,14 +63,15 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     """
     _env_from_slurm()
     store = None
-    if "RANK" not in os.environ:
-        # A lone process: an in-memory store, so no TCP port is needed (or raced for).
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    if "RANK" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    else:
+        # A lone process: an in-memory store, so no TCP port is needed (or raced for), and
+        # the environment is left alone (a later run in the same process is lone again).
+        rank, world_size, local_rank, local_world_size = 0, 1, 0, 1
         store = dist.HashStore()
-    rank = int(os.environ["RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
+import random
 import signal
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import PROJECT_ROOT
@@ -64,11 +65,12 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    """Identical model init on every rank (seed), distinct dropout streams per rank (rank)."""
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank: data order and model init must agree across ranks.
+    (Dropout streams are made per-rank by the trainer once the model exists.)"""
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(False)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
 class PreemptionWatcher:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import flops as flops_lib
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, step_dir_name
 from .config import to_container
 from .data.collate import Step, make_step_loader
 from .data.sampler import TokenBudgetSampler
@@ -151,7 +151,7 @@ class Trainer:
         # Before the slow setup below: a SIGTERM/SIGUSR1 arriving during data loading or the
         # checkpoint load must be recorded (stop after the first step), not kill the rank.
         self.watcher = PreemptionWatcher(self.run_dir, self.info)
-        seed_everything(tcfg.seed, self.info.rank)
+        seed_everything(tcfg.seed)
 
         dcfg = cfg.data
         self.train_ds = load_split(dcfg, "train", self.info)
@@ -222,7 +222,7 @@ class Trainer:
         if not self.cfg.checkpoint.enabled:
             return None
         self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state())
-        return self.checkpointer.root / f"step-{self.step:08d}"
+        return self.checkpointer.root / step_dir_name(self.step)
 
     # ---- steps --------------------------------------------------------------------------
     def _steps(self) -> Iterator[Step]:
@@ -255,7 +255,12 @@ class Trainer:
             tokens += sum(lens)
             seq_lens += lens
         grad_norm = _grad_norm_and_clip(model, self.cfg.optim.grad_clip)
-        g_loss, g_rows, g_tokens, g_bad = all_reduce_sum([float(loss_sum), rows, tokens, float(len(bad_rows))], dev)
+        # Model FLOPs are additive over sequences (attention depends on each real length), so
+        # each rank counts its own and they ride along in the step's single reduction.
+        flops = flops_lib.flops_per_step(self.model_args, seq_lens, training=True,
+                                         last_layer_pooled_only=self.model_args.last_layer_pooled_only)
+        g_loss, g_rows, g_tokens, g_bad, g_flops = all_reduce_sum(
+            [float(loss_sum), rows, tokens, float(len(bad_rows)), float(flops)], dev)
         if g_bad > 0 or not math.isfinite(g_loss) or not math.isfinite(grad_norm):
             ids = [i for part in all_gather_objects(bad_rows) for i in part]
             self.optimizer.zero_grad(set_to_none=True)
@@ -267,7 +272,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": g_loss / max(g_rows, 1.0), "rows": g_rows, "tokens": g_tokens, "grad_norm": grad_norm,
-                "local_seq_lens": seq_lens}
+                "flops": g_flops}
 
     # ---- main loop ----------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -292,16 +297,12 @@ class Trainer:
             self.loss_buffer.push(out["loss"])
             step_time = time.perf_counter() - t_start + data_wait
             if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
-                # FLOPs over every rank's real sequences: attention depends on each length.
-                all_lens = [n for part in all_gather_objects(out["local_seq_lens"]) for n in part]
-                step_flops = flops_lib.flops_per_step(self.model_args, all_lens, training=True,
-                                                      last_layer_pooled_only=self.model_args.last_layer_pooled_only)
                 tok_s = out["tokens"] / step_time
                 row = {
                     "loss": self.loss_buffer.mean(), "loss_step": out["loss"],
                     "lr": self.scheduler.get_last_lr()[0], "grad_norm": out["grad_norm"],
                     "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / n_dev,
-                    "mfu": flops_lib.mfu(step_flops / step_time / n_dev, self.peak_flops),
+                    "mfu": flops_lib.mfu(out["flops"] / step_time / n_dev, self.peak_flops),
                     "step_time": step_time, "data_wait_frac": data_wait / step_time,
                     "peak_mem_gb": _peak_memory_gb(self.info.device), "epoch": epoch,
                     "tokens_seen": self.tokens_seen, "rows_seen": self.rows_seen,
