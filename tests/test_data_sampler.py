@@ -1,5 +1,4 @@
 """TokenBudgetSampler properties over many random length sets, world sizes 1..8, several budgets."""
-import itertools
 
 import numpy as np
 import pytest

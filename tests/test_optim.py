@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import socket
 from types import SimpleNamespace
 
 import pytest

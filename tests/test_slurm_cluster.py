@@ -8,7 +8,6 @@ SLURM_RESTART_COUNT, and slurm/train.sh's preemption contract (SIGUSR1 -> checkp
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time

@@ -203,7 +203,7 @@ def _parse_turns(name: str, raw: Any) -> list[str]:
         try:
             value = json.loads(raw)
         except ValueError as e:
-            raise BadRow("bad_json", name, f"not valid JSON ({e}): {raw[:60]!r}")
+            raise BadRow("bad_json", name, f"not valid JSON ({e}): {raw[:60]!r}") from None
     else:
         value = raw
     if not isinstance(value, list):
@@ -226,7 +226,7 @@ def _parse_label(rec: dict) -> np.ndarray:
         try:
             v = float(raw)
         except (TypeError, ValueError):
-            raise BadRow("bad_label", name, f"not a number: {raw!r}")
+            raise BadRow("bad_label", name, f"not a number: {raw!r}") from None
         if not math.isfinite(v) or v < 0:
             raise BadRow("bad_label", name, f"value {v} is not a probability")
         vals.append(v)
