@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.config import compose
 from trainer.train import run
@@ -88,3 +90,45 @@ def test_cpu_demo_under_torchrun_two_ranks(tmp_path):
     want, got = probs(preds[-1]), probs(tmp_path / "sub.csv")
     assert want.keys() == got.keys()
     np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], atol=1e-5)
+
+
+SHORT = ["+experiment=cpu_demo", "data.limit_train_rows=48", "data.limit_eval_rows=16", "data.max_length=256",
+         "data.global_batch_rows=16", "trainer.eval_every=null", "checkpoint.every_steps=null",
+         "logging.progress_bar=false", "model.head_dropout=0.0", "trainer.resume=never"]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss_step"] for r in _rows(run_dir / "metrics.jsonl") if "loss_step" in r]
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    run(compose(SHORT + [f"trainer.run_dir={tmp_path / 'plain'}"]))
+    run(compose(SHORT + [f"trainer.run_dir={tmp_path / 'ac'}", "model.activation_checkpointing=true"]))
+    plain, ac = _losses(tmp_path / "plain"), _losses(tmp_path / "ac")
+    assert len(plain) == 3 and plain == pytest.approx(ac, abs=1e-6)
+
+
+def test_bf16_weights_with_kahan_recipe_path(tmp_path):
+    # The 9B recipe's precision setup (bf16 weights and moments, Kahan-compensated updates,
+    # no fp32 master copy), exercised on CPU.
+    from trainer.train import Trainer
+
+    cfg = compose(SHORT + [f"trainer.run_dir={tmp_path}", "model.dtype=bfloat16", "parallel.param_dtype=bfloat16",
+                           "optim.use_kahan_summation=true", "optim.momentum_dtype=bfloat16",
+                           "optim.variance_dtype=bfloat16", "optim.compensation_dtype=bfloat16"])
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    # The optimizer's (sharded) parameters: after an eval forward FSDP2 leaves the root unsharded.
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert len(params) == len(list(trainer.model.parameters()))
+    assert {p.dtype for p in params} == {torch.bfloat16}
+    states = [trainer.optimizer.state[p] for p in params]
+    assert all(s["exp_avg"].dtype == torch.bfloat16 and s["exp_avg_sq"].dtype == torch.bfloat16 for s in states)
+    assert all("compensation" in s and s["compensation"].dtype == torch.bfloat16 for s in states)
+    assert any(float(s["compensation"].to_local().abs().max()) > 0 for s in states)  # it did compensate
+    losses = _losses(tmp_path)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert result.checkpoint is not None and math.isfinite(result.eval_metrics["log_loss"])
+    from trainer.distributed import destroy_distributed
+
+    destroy_distributed()

@@ -30,6 +30,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str = "float
                 reduce_dtype: str = "float32", reshard_after_forward: bool = True,
                 cpu_offload: bool = False) -> nn.Module:
     """Apply fully_shard bottom-up. The model must expose `layers` and `embed_tokens`."""
+    if cpu_offload and mesh.device_type == "cpu":
+        raise ValueError("parallel.cpu_offload=true needs a CUDA device: on CPU the parameters already live in "
+                         "host memory (set parallel.cpu_offload=false)")
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     common = dict(mesh=mesh, mp_policy=mp)
     if cpu_offload:
