@@ -107,10 +107,11 @@ def run(quick: bool = True, threads: int = 1) -> list[dict]:
     print(f"packed / transformers eager: {tps['ours'] / tps['hf']:.2f}x")
     return [
         {"name": "train_step_real_tokens_per_s_packed_vs_hf_eager", "ours": tps["ours"], "alternative": tps["hf"],
-         "ratio": tps["ours"] / tps["hf"], "limit": 1.0, "unit": "tokens/s"},
+         "ratio": tps["ours"] / tps["hf"], "limit": padded_tokens / real,
+         "unit": "tokens/s (limit = padded / real tokens: the gain from dropping padding alone)"},
         {"name": "train_step_real_tokens_per_s_pooled_last_layer_vs_full", "ours": tps["ours"],
          "alternative": tps["ours_full_last_layer"], "ratio": tps["ours"] / tps["ours_full_last_layer"],
-         "limit": 1.0, "unit": "tokens/s"},
+         "limit": None, "unit": "tokens/s"},
         {"name": "padded_over_real_tokens", "ours": 1.0, "alternative": padded_tokens / real,
          "ratio": real / padded_tokens, "limit": None, "unit": "tokens/token"},
     ]
