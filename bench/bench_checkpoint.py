@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -30,7 +29,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from bench._dist import setup_rank, spawn
 
 MiB = 2**20
 
@@ -54,23 +54,12 @@ def _cfg(name: str, vocab: int | None) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, reps: int, root: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from omegaconf import OmegaConf
-
-    from trainer.checkpoint import Checkpointer
-    from trainer.distributed import all_reduce_max, all_reduce_sum, barrier, destroy_distributed, init_distributed
+    from trainer.checkpoint import Checkpointer, step_dir_name
+    from trainer.distributed import all_reduce_max, all_reduce_sum, barrier, destroy_distributed
     from trainer.model.testing import pack
-    from trainer.optim import build_optimizer
-    from trainer.parallel import build_mesh, local_state_bytes, shard_model
-    from trainer.train import build_model
+    from trainer.parallel import local_state_bytes
 
-    cfg = OmegaConf.create(cfg_dict)
-    info = init_distributed("cpu", "gloo")
-    torch.manual_seed(0)
-    model = shard_model(build_model(cfg.model), build_mesh(info, 1), param_dtype="float32", reduce_dtype="float32")
-    opt = build_optimizer(model, cfg.optim)
+    info, cfg, model, opt = setup_rank(rank, world, port, cfg_dict)
     g = torch.Generator().manual_seed(rank)
     batch = pack([torch.randint(0, cfg.model.vocab_size, (64,), generator=g) for _ in range(2)])
     model(**batch).float().logsumexp(-1).sum().backward()
@@ -97,7 +86,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, reps: int, root: s
         asyn.wait()  # background write + commit
         res["async_blocking_s"].append(all_reduce_max(blocked, info.device))
         res["async_total_s"].append(all_reduce_max(time.perf_counter() - t0, info.device))
-        path = Path(root) / "sync" / f"step-{i:08d}"
+        path = Path(root) / "sync" / step_dir_name(i)
         if rank == 0:
             size = sum(p.stat().st_size for p in path.iterdir())
         barrier()
@@ -111,13 +100,10 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, reps: int, root: s
 
 
 def measure(cfg_dict: dict, reps: int, world: int = 2) -> dict:
-    from trainer.distributed import free_port as _free_port
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     root = tempfile.mkdtemp(prefix="bench-ckpt-")
     try:
         out = str(Path(root) / "out.json")
-        mp.spawn(_worker, args=(world, _free_port(), cfg_dict, reps, root, out), nprocs=world, join=True)
+        spawn(_worker, world, cfg_dict, reps, root, out)
         return json.loads(Path(out).read_text())
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from bench._dist import setup_rank, spawn
 
 MiB = 2**20
 
@@ -39,22 +39,11 @@ def _model_cfg(smoke: bool):
 
 
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, rows: int, seq: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from omegaconf import OmegaConf
-
-    from trainer.distributed import all_reduce_max, destroy_distributed, init_distributed
+    from trainer.distributed import all_reduce_max, destroy_distributed
     from trainer.model.testing import pack
-    from trainer.optim import build_optimizer
-    from trainer.parallel import build_mesh, local_state_bytes, shard_model
-    from trainer.train import build_model
+    from trainer.parallel import local_state_bytes
 
-    cfg = OmegaConf.create(cfg_dict)
-    info = init_distributed("cpu", "gloo")
-    torch.manual_seed(0)
-    model = shard_model(build_model(cfg.model), build_mesh(info, 1), param_dtype="float32", reduce_dtype="float32")
-    opt = build_optimizer(model, cfg.optim)
+    info, cfg, model, opt = setup_rank(rank, world, port, cfg_dict)
     g = torch.Generator().manual_seed(1000 + rank)
     per_rank = max(1, rows // world)
 
@@ -88,12 +77,9 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, rows: 
 
 
 def measure(world: int, cfg_dict: dict, steps: int, rows: int = 8, seq: int = 128) -> dict:
-    from trainer.distributed import free_port as _free_port
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as d:
         out = str(Path(d) / "out.json")
-        mp.spawn(_worker, args=(world, _free_port(), cfg_dict, steps, rows, seq, out), nprocs=world, join=True)
+        spawn(_worker, world, cfg_dict, steps, rows, seq, out)
         return json.loads(Path(out).read_text())
 
 
