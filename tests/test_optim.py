@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.config import OptimConfig
 from trainer.optim import (
     AnyPrecisionAdamW,
     build_optimizer,
@@ -333,26 +333,9 @@ def test_param_groups_split():
 # --------------------------------------------------------------------------- build_optimizer
 
 
-@dataclasses.dataclass
-class OptimCfg:
-    name: str = "anyprecision_adamw"
-    lr: float = 2.5e-6
-    betas: tuple = (0.9, 0.99)
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    use_kahan_summation: bool = True
-    momentum_dtype: str = "bfloat16"
-    variance_dtype: str = "bfloat16"
-    compensation_dtype: str = "bfloat16"
-    no_decay_embeddings: bool = True
-    warmup_ratio: float = 0.1
-    decay: str = "linear"
-    min_lr_ratio: float = 0.0
-
-
 def test_build_optimizer_from_dataclass_and_omegaconf():
     model = TinyNet().bfloat16()
-    cfg = OptimCfg()
+    cfg = OptimConfig()  # the schema the Hydra optim group is checked against
     opt = build_optimizer(model, cfg)
     assert isinstance(opt, AnyPrecisionAdamW) and opt.use_kahan_summation
     assert opt.momentum_dtype == opt.variance_dtype == torch.bfloat16
@@ -362,7 +345,7 @@ def test_build_optimizer_from_dataclass_and_omegaconf():
     assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-6 / 5)
 
     omegaconf = pytest.importorskip("omegaconf")
-    dcfg = omegaconf.OmegaConf.structured(OptimCfg(name="adamw", betas=[0.9, 0.95]))
+    dcfg = omegaconf.OmegaConf.structured(OptimConfig(name="adamw", betas=[0.9, 0.95]))
     opt = build_optimizer(TinyNet(), dcfg)
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.9, 0.95)
 
