@@ -175,6 +175,19 @@ def _resumed_at(run_dir: Path) -> int:
     return int(m[0])
 
 
+def _assert_exact_resume(run_dir: Path, reference_run_dir: Path, signals: set[str], diag) -> None:
+    """One stop (by one of `signals`) mid-run, one resume at that step, and every step's loss and
+    the final weights bitwise equal to the uninterrupted reference run."""
+    stopped = re.findall(r"stop requested \((\w+)\): checkpointed at step (\d+)", _read(run_dir / "train.log"))
+    assert len(stopped) == 1 and stopped[0][0] in signals, diag()
+    stop_step = int(stopped[0][1])
+    assert 3 <= stop_step < STEPS, stopped
+    assert _resumed_at(run_dir) == stop_step
+    ckpt = _assert_finished(run_dir, diag)
+    assert _losses(run_dir) == _losses(reference_run_dir)
+    _assert_same_weights(ckpt, _final_checkpoint(reference_run_dir))
+
+
 # ---- 1. sbatch slurm/train.sh: the uninterrupted reference --------------------------------------
 @pytest.fixture(scope="module")
 def reference(slurm_cluster, tmp_path_factory):  # noqa: F811
@@ -242,15 +255,7 @@ def test_train_sh_preempt_requeue_resume_is_exact(reference, slurm_cluster, tmp_
     assert "requeueing job" in text and "restart=1]" in text, diag()  # SLURM_RESTART_COUNT=1
     assert slurm_cluster.job_info(job).get("Restarts") == "1"
     assert not (tmp_path / "runs").exists()  # RUN_DIR was used, not runs/<name>-<id>
-    stopped = re.findall(r"stop requested \((\w+)\): checkpointed at step (\d+)", _read(run_dir / "train.log"))
-    assert len(stopped) == 1 and stopped[0][0] == "SIGUSR1", diag()
-    stop_step = int(stopped[0][1])
-    assert 3 <= stop_step < STEPS, stopped
-    assert _resumed_at(run_dir) == stop_step
-    ckpt = _assert_finished(run_dir, diag)
-    # Exact resume: every step's loss and the final weights equal the uninterrupted run's.
-    assert _losses(run_dir) == _losses(reference["run_dir"])
-    _assert_same_weights(ckpt, _final_checkpoint(reference["run_dir"]))
+    _assert_exact_resume(run_dir, reference["run_dir"], {"SIGUSR1"}, diag)
 
 
 # ---- 4. submitit preemption: SIGUSR2 -> TorchrunJob.checkpoint -> submitit requeue -> resume ------------
@@ -283,11 +288,4 @@ def test_launch_submit_preempt_requeue_resume_is_exact(reference, slurm_cluster,
     assert "Caught signal SIGUSR2" in task0 and "Calling checkpoint method" in task0, diag()
     assert f"Requeued job {job_id}" in task0, diag()
 
-    stopped = re.findall(r"stop requested \((\w+)\): checkpointed at step (\d+)", _read(run_dir / "train.log"))
-    assert len(stopped) == 1 and stopped[0][0] in {"SIGUSR2", "STOP"}, diag()
-    stop_step = int(stopped[0][1])
-    assert 3 <= stop_step < STEPS, stopped
-    assert _resumed_at(run_dir) == stop_step
-    ckpt = _assert_finished(run_dir, diag)
-    assert _losses(run_dir) == _losses(reference["run_dir"])
-    _assert_same_weights(ckpt, _final_checkpoint(reference["run_dir"]))
+    _assert_exact_resume(run_dir, reference["run_dir"], {"SIGUSR2", "STOP"}, diag)
