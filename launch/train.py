@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    from trainer.train import run  # after validation: a bad override fails before heavy imports
+    from trainer.train import run  # after validation: a bad override fails before any data or device work
 
     _report(run(cfg))
 

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .model.args import ATTN_IMPLS, HEADS, ROPE_IMPLS, ModelArgs
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,37 +26,18 @@ def _register_resolvers() -> None:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ModelArgs):
+    """ModelArgs (architecture, head, kernels; defaults = gemma-2-2b) plus where weights come from."""
+
     name: str = MISSING
-    # Path to a transformers Gemma 2 directory; null trains from scratch.
+    # Path to a transformers Gemma 2 directory; null trains from scratch (architecture from here).
+    # Loading a checkpoint takes the architecture from its config.json, except:
     name_or_path: Optional[str] = None
-    head: str = "mlp"  # mlp | linear
-    head_dropout: float = 0.1
-    attn_impl: str = "auto"  # auto | reference | sdpa | flex | flash_attn
-    rope_impl: str = "auto"  # auto | torch | te
-    last_layer_pooled_only: bool = True
-    activation_checkpointing: bool = False
+    # Forced onto loaded checkpoints too when set (the 9B release changed it 224 -> 256);
+    # null keeps the checkpoint's value.
+    query_pre_attn_scalar: Optional[int] = 256
     # Storage dtype of the weights. bfloat16 + AnyPrecisionAdamW(Kahan) = no fp32 master copy.
     dtype: str = "float32"
-    # Architecture (used from scratch; a checkpoint's config.json wins except where noted).
-    vocab_size: int = 256000
-    hidden_size: int = 2304
-    intermediate_size: int = 9216
-    num_hidden_layers: int = 26
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 4
-    head_dim: int = 256
-    # Forced onto loaded checkpoints too when set: the 9B release changed it 224 -> 256.
-    query_pre_attn_scalar: Optional[int] = 256
-    sliding_window: int = 4096
-    attn_logit_softcapping: float = 50.0
-    final_logit_softcapping: float = 30.0
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 8192
-    initializer_range: float = 0.02
-    pad_token_id: int = 0
-    num_labels: int = 3
 
 
 @dataclass
@@ -188,9 +171,9 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.head": ("mlp", "linear"),
-    "model.attn_impl": ("auto", "reference", "sdpa", "flex", "flash_attn"),
-    "model.rope_impl": ("auto", "torch", "te"),
+    "model.head": HEADS,
+    "model.attn_impl": ATTN_IMPLS,
+    "model.rope_impl": ROPE_IMPLS,
     "model.dtype": ("float32", "bfloat16"),
     "data.on_bad_row": ("error", "skip"),
     "data.prompt_layout": ("interleaved", "sequential"),
