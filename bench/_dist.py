@@ -27,13 +27,15 @@ def setup_rank(rank: int, world: int, port: int, cfg_dict: dict):
     torch.set_num_threads(1)
     from omegaconf import OmegaConf
 
+    from trainer.build import build_model
     from trainer.distributed import init_distributed
     from trainer.optim import build_optimizer
-    from trainer.parallel import build_mesh, shard_model
-    from trainer.train import build_model
+    from trainer.parallel import build_mesh
+    from trainer.tasks import ArenaTask
 
     cfg = OmegaConf.create(cfg_dict)
+    cfg.parallel.param_dtype = cfg.parallel.reduce_dtype = "float32"
     info = init_distributed("cpu", "gloo")
     torch.manual_seed(0)
-    model = shard_model(build_model(cfg.model), build_mesh(info, 1), param_dtype="float32", reduce_dtype="float32")
+    model, _ = build_model(cfg, ArenaTask(), info, build_mesh(info, 1))
     return info, cfg, model, build_optimizer(model, cfg.optim)

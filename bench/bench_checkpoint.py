@@ -68,8 +68,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, reps: int, root: s
     sizes = local_state_bytes(model, opt)
     state_bytes = all_reduce_sum([sizes["params"] + sizes["optimizer"]], info.device)[0]
 
-    def tstate(step: int) -> dict:
-        return {"step": step, "seed": 0, "world_size": world}
+    meta = {"seed": 0, "world_size": world}
 
     res: dict[str, list[float]] = {"sync_s": [], "async_blocking_s": [], "async_total_s": [], "load_s": []}
     sync = Checkpointer(Path(root) / "sync", rank=rank, keep_last=1)
@@ -77,11 +76,11 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, reps: int, root: s
     size = 0
     for i in range(1, reps + 1):
         barrier()
-        sync.save(i, model, opt, tstate(i))
+        sync.save(i, model, opt, {}, meta)
         res["sync_s"].append(all_reduce_max(sync.last_blocking_s, info.device))
         barrier()
         t0 = time.perf_counter()
-        asyn.save(i, model, opt, tstate(i))
+        asyn.save(i, model, opt, {}, meta)
         blocked = asyn.last_blocking_s
         asyn.wait()  # background write + commit
         res["async_blocking_s"].append(all_reduce_max(blocked, info.device))
@@ -91,7 +90,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, reps: int, root: s
             size = sum(p.stat().st_size for p in path.iterdir())
         barrier()
         t0 = time.perf_counter()
-        sync.load(path, model, opt)
+        sync.load(path, model, opt, {})
         res["load_s"].append(all_reduce_max(time.perf_counter() - t0, info.device))
     if rank == 0:
         Path(out).write_text(json.dumps({**{k: statistics.median(v) for k, v in res.items()},

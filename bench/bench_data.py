@@ -18,6 +18,9 @@ import numpy as np
 
 from trainer.data.sampler import TokenBudgetSampler
 from trainer.data.tokenize import load_tokenized
+from trainer.tasks import ArenaTask
+
+ARENA = ArenaTask()
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TRAIN = SHARED / "fixtures" / "arena" / "train.csv"
@@ -96,10 +99,10 @@ def throughput_rows(n_rows: int, num_workers: int = 2) -> list[dict]:
         path = Path(tmp) / f"train_x{n_rows}.csv"
         replicate(TRAIN, path, n_rows)
         t0 = time.perf_counter()
-        ds = load_tokenized(path, TOK, MAX_LENGTH, cache_dir=Path(tmp) / "cache", num_workers=num_workers)
+        ds = load_tokenized(path, ARENA, TOK, MAX_LENGTH, cache_dir=Path(tmp) / "cache", num_workers=num_workers)
         cold = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ds2 = load_tokenized(path, TOK, MAX_LENGTH, cache_dir=Path(tmp) / "cache")
+        ds2 = load_tokenized(path, ARENA, TOK, MAX_LENGTH, cache_dir=Path(tmp) / "cache")
         warm = time.perf_counter() - t0
         assert len(ds) == len(ds2) == n_rows
     return [_row(f"tokenize {n_rows} rows: cached vs cold ({num_workers} workers)", n_rows / warm,
@@ -109,12 +112,12 @@ def throughput_rows(n_rows: int, num_workers: int = 2) -> list[dict]:
 def run(quick: bool = False, smoke: bool = False) -> list[dict]:
     """smoke: the aggregator's smallest mode (bench.run --smoke): quick, but 500 rows tokenized."""
     quick = quick or smoke
-    lengths = load_tokenized(TRAIN, TOK, MAX_LENGTH, num_workers=2).lengths.astype(np.int64)
+    lengths = load_tokenized(TRAIN, ARENA, TOK, MAX_LENGTH, num_workers=2).lengths.astype(np.int64)
     rows = []
     for ws in ((4,) if quick else (1, 4, 8)):
         rows += packing_rows(lengths, ws)
     # the 27B setting: 2,048-token budget, rows truncated to 2,048
-    short = load_tokenized(TRAIN, TOK, 2048, num_workers=2).lengths.astype(np.int64)
+    short = load_tokenized(TRAIN, ARENA, TOK, 2048, num_workers=2).lengths.astype(np.int64)
     rows += packing_rows(short, 4, budget=2048)
     rows += throughput_rows(500 if smoke else 5_000 if quick else 55_000)
     return rows

@@ -98,7 +98,7 @@ def bench_shape(shape: str, mode: str, attn: str, device) -> list[dict]:
     from trainer.data.sampler import TokenBudgetSampler
     from trainer.flops import detect_peak_key, flops_per_step, mfu, peak_flops
     from trainer.model import Gemma2Classifier, ModelArgs
-    from trainer.model.attention import resolve_attn_impl  # noqa: F401 - fails early if the API moved
+    from trainer.parallel import apply_activation_checkpointing
 
     layers_9b, G, warmup, timed = MODES[mode]
     cuda = device.type == "cuda"
@@ -107,8 +107,7 @@ def bench_shape(shape: str, mode: str, attn: str, device) -> list[dict]:
     if shape == "9b":
         over["num_hidden_layers"] = layers_9b
     label = f"{shape.upper() if shape != 'tiny' else 'tiny'}-shaped" + (f", {over['num_hidden_layers']} layers" if shape == "9b" else "")
-    args = ModelArgs(**over, head="mlp", attn_impl=attn, rope_impl="auto", last_layer_pooled_only=True,
-                     activation_checkpointing=True)
+    args = ModelArgs(**over, head="mlp", attn_impl=attn, rope_impl="auto", last_layer_pooled_only=True)
 
     rng = np.random.default_rng(0)
     lengths = arena_prompt_lengths(MAX_LENGTH)
@@ -119,13 +118,15 @@ def bench_shape(shape: str, mode: str, attn: str, device) -> list[dict]:
     seqs = [rng.integers(1, args.vocab_size, size=int(n)).astype(np.int64) for n in lengths]
     labels = rng.dirichlet(np.ones(3), size=len(lengths)).astype(np.float32)
     sampler = TokenBudgetSampler(lengths, global_batch_rows=G, max_tokens=BUDGET // scale, world_size=1, rank=0, seed=0)
-    collate = VarlenCollator()
+    collate = VarlenCollator(3)
     n_steps = min(n_steps, sampler.steps_per_epoch)
 
     torch.manual_seed(0)
     with torch.device(device):
         ours = Gemma2Classifier(args)
     ours = ours.to(torch.bfloat16).train()
+    ours.select_kernels(device, torch.bfloat16)
+    apply_activation_checkpointing(ours)
     hf, hf_impl, hf_note = build_hf(args, hf_attn_impl()[0], device)
     why = "; ".join(x for x in (hf_attn_impl()[1], hf_note) if x)
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -134,9 +135,6 @@ def bench_shape(shape: str, mode: str, attn: str, device) -> list[dict]:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.train()
     ours_opt, hf_opt = make_optimizer(ours), make_optimizer(hf)
-
-    def to_dev(mb):
-        return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
 
     steps = []
     for s in range(n_steps):
@@ -154,12 +152,12 @@ def bench_shape(shape: str, mode: str, attn: str, device) -> list[dict]:
             hf_mbs.append((ids.to(device), mask.to(device), torch.from_numpy(labels[chunk]).to(device)))
             padded += ids.numel()
         real_lens = [int(x) for x in lengths[rows]]
-        steps.append(([to_dev(mb) for mb in mbs], hf_mbs, len(rows), real_lens, padded))
+        steps.append(([mb.to(device, non_blocking=True) for mb in mbs], hf_mbs, len(rows), real_lens, padded))
 
     def ours_step(k):
         mbs, _, num_rows, _, _ = steps[k]
         for mb in mbs:
-            (soft_ce(ours(**mb), mb["label"]) * mb["weight"]).sum().div(num_rows).backward()
+            (soft_ce(ours(**mb.inputs), mb.labels) * mb.weights).sum().div(num_rows).backward()
         ours_opt.step()
         ours_opt.zero_grad(set_to_none=True)
 

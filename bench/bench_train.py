@@ -43,8 +43,10 @@ def arena_prompt_lengths(max_length: int = 4096) -> np.ndarray:
     if max_length not in _LENGTH_CACHE:
         from bench.bench_data import TOK, TRAIN
         from trainer.data.tokenize import load_tokenized
+        from trainer.tasks import ArenaTask
 
-        _LENGTH_CACHE[max_length] = load_tokenized(TRAIN, TOK, max_length, num_workers=2).lengths.astype(np.int64)
+        _LENGTH_CACHE[max_length] = load_tokenized(TRAIN, ArenaTask(), TOK, max_length,
+                                                   num_workers=2).lengths.astype(np.int64)
     return _LENGTH_CACHE[max_length]
 
 
@@ -74,7 +76,7 @@ def run(quick: bool = True, smoke: bool = False, threads: int = 1) -> list[dict]
         labels = rng.dirichlet(np.ones(3), size=n_rows).astype(np.float32)
         sampler = TokenBudgetSampler(lengths, global_batch_rows=G, max_tokens=ROWS_PER_MICRO * max_len,
                                      world_size=1, rank=0, seed=0)
-        collate = VarlenCollator()
+        collate = VarlenCollator(3)
 
         torch.manual_seed(0)
         args = tiny_args(vocab_size=vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
@@ -110,7 +112,7 @@ def run(quick: bool = True, smoke: bool = False, threads: int = 1) -> list[dict]
         def ours_step(k):
             mbs, _, num_rows = steps[k]
             for mb in mbs:
-                loss = (soft_ce(ours(**mb), mb["label"]) * mb["weight"]).sum() / num_rows
+                loss = (soft_ce(ours(**mb.inputs), mb.labels) * mb.weights).sum() / num_rows
                 loss.backward()
             ours_opt.step()
             ours_opt.zero_grad(set_to_none=True)

@@ -1,19 +1,27 @@
-"""Build the tokenized data caches ahead of a job: python -m launch.prepare +experiment=NAME"""
+"""Build the tokenized data caches ahead of a job: python -m launch.prepare +experiment=NAME [overrides]"""
+
+from __future__ import annotations
+
 import logging
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from trainer.config import register_configs
-from trainer.data.prepare import prepare_from_config
-
-register_configs()  # typed schema + ${project_root:} resolver, as the trainer does
+from launch.cli import entry_point
+from trainer.config import compose
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    prepare_from_config(OmegaConf.to_container(cfg.data, resolve=True))
+def _main(argv: list[str]) -> dict:
+    cfg = compose(argv)
+    logging.basicConfig(level=cfg.logging.level, format="%(levelname)s %(name)s: %(message)s")
+    from trainer.datasets import prepare_splits, resolve_task
+
+    task = resolve_task(cfg.data)
+    out = prepare_splits(cfg.data, task)
+    for name, ds in out.items():
+        print(f"{name}: {len(ds)} rows, {int(ds.lengths.sum())} tokens")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return entry_point(_main, argv)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from launch.cli import entry_point, split_options
 from trainer.config import PROJECT_ROOT, compose, to_container
 from trainer.runtime import PREEMPTED_MARKER, STOP_FILE
 
@@ -170,12 +171,9 @@ def build_executor(lc, executor_kind: str):
     return executor
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = list(sys.argv[1:] if argv is None else argv)
-    dry_run = "--dry-run" in args
-    local = "--local" in args
-    wait = "--wait" in args
-    overrides = [a for a in args if a not in ("--dry-run", "--local", "--wait")]
+def _main(args: list[str]) -> dict[str, Any]:
+    options, overrides = split_options(args, {"--dry-run": 0, "--local": 0, "--wait": 0})
+    dry_run, local, wait = "--dry-run" in options, "--local" in options, "--wait" in options
     cfg = compose(overrides)  # validates: a typo fails here, before anything is submitted
     lc = cfg.launcher
     executor_kind = "local" if local else lc.executor
@@ -208,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["result"] = job.results()[0]
         print(f"job {job.job_id} finished: {out['result']}")
     return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return entry_point(_main, argv)
 
 
 if __name__ == "__main__":

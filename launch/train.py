@@ -1,36 +1,39 @@
 """Training entry point: `python -m launch.train +experiment=cpu_demo [overrides]`.
 
 Runs unchanged alone (a world of one) and under torchrun / srun; every rank composes the
-same config, validates it before touching data or devices, and trains.
+same config (Hydra's override grammar) and validates it before touching data or devices.
+
+    python -m launch.train +experiment=cpu_demo --cfg job     # print the resolved config, run nothing
 """
 
 from __future__ import annotations
 
-import sys
+import os
 
-import hydra
-from omegaconf import DictConfig
+from launch.cli import entry_point, print_config, split_options
+from trainer.config import compose
 
-from trainer.config import ConfigError, register_configs, validate
-
-register_configs()
+USAGE = "python -m launch.train +experiment=NAME [key=value ...] [--cfg job]"
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    from trainer.train import run  # after validation: a bad override fails before any data or device work
+def _main(argv: list[str]):
+    options, overrides = split_options(argv, {"--cfg": 1, "--help": 0, "-h": 0})
+    if "--help" in options or "-h" in options:
+        print(f"usage: {USAGE}\nconfig groups: conf/ (model, data/task, optim, parallel, experiment); "
+              "schema and defaults: trainer/config.py")
+        return None
+    cfg = compose(overrides)  # a bad override fails here, before any data or device work
+    if "--cfg" in options:
+        print_config(cfg)
+        return None
+    from trainer.train import run
 
-    _report(run(cfg))
+    result = run(cfg)
+    _report(result)
+    return result
 
 
 def _report(result) -> None:
-    import os
-
     if os.environ.get("RANK", "0") != "0":
         return
     print(f"run directory: {result.run_dir}")
@@ -42,6 +45,10 @@ def _report(result) -> None:
         print(f"eval: log_loss {m['log_loss']:.4f}  accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  "
               f"(n={m['n']})")
     print(f"metrics:       {result.run_dir / 'metrics.jsonl'}")
+
+
+def main(argv: list[str] | None = None):
+    return entry_point(_main, argv)
 
 
 if __name__ == "__main__":

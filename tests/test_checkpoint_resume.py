@@ -172,7 +172,7 @@ def test_resume_two_process_checkpoint_on_other_world_size(nproc, tmp_path):
     w, w_ref = h.load_weights(h.latest_checkpoint(run_dir)), h.load_weights(h.latest_checkpoint(ref))
     assert h.max_abs_diff(w, w_ref) < 1e-5
     st = h.trainer_state(h.latest_checkpoint(run_dir))
-    assert st["world_size"] == nproc and st["sampler"]["world_size"] == nproc and st["step"] == 4
+    assert st["world_size"] == nproc and st["state"]["sampler"]["world_size"] == nproc and st["step"] == 4
     if nproc == 4:
         assert "no saved RNG state" in (run_dir / "logs" / "rank-3.log").read_text()
 
@@ -273,13 +273,13 @@ def test_rng_entry_saved_on_another_device_kind_loads(tmp_path, monkeypatch):
         monkeypatch.setattr(ck, "_rng_state", lambda device: torch.cat([torch.get_rng_state(),
                                                                          torch.full((16,), 7, dtype=torch.uint8)]))
         cp = Checkpointer(tmp_path / "ckpts", rank=0)
-        cp.save(1, model, opt, {"step": 1, "seed": 0})
+        cp.save(1, model, opt, {}, {"seed": 0})
         monkeypatch.undo()
         weights = {k: v.clone() for k, v in model.state_dict().items()}
         torch.manual_seed(999)
         with torch.no_grad():
             model.weight.zero_()
-        state = cp.load(tmp_path / "ckpts" / "step-00000001", model, opt)
+        state = cp.load(tmp_path / "ckpts" / "step-00000001", model, opt, {})
         assert state["step"] == 1
         assert torch.equal(torch.get_rng_state(), expected)
         for k, v in model.state_dict().items():

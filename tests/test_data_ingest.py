@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.data.ingest import DataError, read_rows
+from trainer.errors import DataError
+from trainer.tasks.arena import read_rows
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ARENA = SHARED / "fixtures" / "arena"

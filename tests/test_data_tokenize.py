@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.data.ingest import ArenaRow, DataError, read_rows
-from trainer.data.prompt import BOS_ID, PromptBuilder, load_tokenizer
+from trainer.data.render import BOS_ID, load_tokenizer
 from trainer.data.tokenize import load_tokenized
+from trainer.errors import DataError
+from trainer.tasks.arena import ArenaRow, ArenaTask, read_rows
+from trainer.tasks.arena_prompt import PromptBuilder
+
+ARENA_TASK = ArenaTask()
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ARENA = SHARED / "fixtures" / "arena"
@@ -28,7 +32,7 @@ def tok():
 def train_cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("cache")
     t0 = time.perf_counter()
-    ds = load_tokenized(ARENA / "train.csv", TOK, 4096, cache_dir=d, num_workers=2)
+    ds = load_tokenized(ARENA / "train.csv", ARENA_TASK, TOK, 4096, cache_dir=d, num_workers=2)
     return ds, d, time.perf_counter() - t0
 
 
@@ -55,7 +59,7 @@ def test_real_train_tokenized(tok, train_cache):
 def test_cache_hit_and_key(tmp_path, train_cache):
     ds, d, cold = train_cache
     t0 = time.perf_counter()
-    again = load_tokenized(ARENA / "train.csv", TOK, 4096, cache_dir=d)
+    again = load_tokenized(ARENA / "train.csv", ARENA_TASK, TOK, 4096, cache_dir=d)
     warm = time.perf_counter() - t0
     assert warm < 0.5, (cold, warm)
     np.testing.assert_array_equal(again.input_ids, ds.input_ids)
@@ -63,11 +67,11 @@ def test_cache_hit_and_key(tmp_path, train_cache):
     assert len(list(Path(d).glob("*.npz"))) == 1 and not list(Path(d).glob("*.tmp"))
     # each setting that changes the tokens gets its own entry (eval.csv: 4x quicker)
     e = tmp_path / "keys"
-    base = load_tokenized(ARENA / "eval.csv", TOK, 4096, cache_dir=e)
-    load_tokenized(ARENA / "eval.csv", TOK, 4096, prompt_layout="sequential", cache_dir=e)
-    load_tokenized(ARENA / "eval.csv", TOK, 4096, swap_ab=True, cache_dir=e)
-    load_tokenized(ARENA / "eval.csv", TOK, 4096, on_bad_row="skip", cache_dir=e)
-    small = load_tokenized(ARENA / "eval.csv", TOK, 1024, cache_dir=e)
+    base = load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 4096, cache_dir=e)
+    load_tokenized(ARENA / "eval.csv", ArenaTask("sequential"), TOK, 4096, cache_dir=e)
+    load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 4096, swap_ab=True, cache_dir=e)
+    load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 4096, on_bad_row="skip", cache_dir=e)
+    small = load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 1024, cache_dir=e)
     assert len(list(e.glob("*.npz"))) == 5 and small.lengths.max() <= 1024
     suffix = PromptBuilder(load_tokenizer(str(TOK)), 1024).suffix
     assert all(ends_with(small.tokens(i), suffix) and small.tokens(i)[0] == BOS_ID for i in range(len(small)))
@@ -75,25 +79,25 @@ def test_cache_hit_and_key(tmp_path, train_cache):
     copy = tmp_path / "eval.csv"
     data = (ARENA / "eval.csv").read_bytes()
     copy.write_bytes(data)
-    np.testing.assert_array_equal(load_tokenized(copy, TOK, 4096, cache_dir=e).input_ids, base.input_ids)
+    np.testing.assert_array_equal(load_tokenized(copy, ARENA_TASK, TOK, 4096, cache_dir=e).input_ids, base.input_ids)
     assert len(list(e.glob("*.npz"))) == 5
     lines = data.splitlines(keepends=True)
     copy.write_bytes(b"".join(lines[:1] + lines[2:]))  # drop the first row
-    assert len(load_tokenized(copy, TOK, 4096, cache_dir=e)) == 456
+    assert len(load_tokenized(copy, ARENA_TASK, TOK, 4096, cache_dir=e)) == 456
     assert len(list(e.glob("*.npz"))) == 6
 
 
 def test_workers_match_in_process(tmp_path, train_cache):
     ds, _, _ = train_cache
-    ref = load_tokenized(ARENA / "train.csv", TOK, 4096, cache_dir=None, num_workers=0)
+    ref = load_tokenized(ARENA / "train.csv", ARENA_TASK, TOK, 4096, cache_dir=None, num_workers=0)
     np.testing.assert_array_equal(ref.input_ids, ds.input_ids)
     np.testing.assert_array_equal(ref.offsets, ds.offsets)
 
 
 def test_swap(tok, tmp_path):
     rows, _ = read_rows(ARENA / "eval.csv")
-    d = load_tokenized(ARENA / "eval.csv", TOK, 4096, cache_dir=tmp_path)
-    s = load_tokenized(ARENA / "eval.csv", TOK, 4096, swap_ab=True, cache_dir=tmp_path)
+    d = load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 4096, cache_dir=tmp_path)
+    s = load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 4096, swap_ab=True, cache_dir=tmp_path)
     assert s.swapped.all() and s.labels.sum(0).tolist() == [180, 189, 88]
     b = PromptBuilder(tok, 4096)
     i = next(j for j, r in enumerate(rows) if r.response_a != r.response_b)
@@ -135,7 +139,7 @@ def test_specials_in_text_stay_text(tok):
 
 
 def test_max_length_too_small_for_template(tok):
-    with pytest.raises(ValueError, match="cannot hold the judge template"):
+    with pytest.raises(ValueError, match="data.max_length=64 cannot hold the judge template"):
         PromptBuilder(tok, 64)
 
 
@@ -147,21 +151,21 @@ def test_too_long_rows_follow_policy(tmp_path, caplog):
         w.writerow([1, json.dumps(["short"]), json.dumps(["a"]), json.dumps(["b"])])
         w.writerow([2, json.dumps(["long " * 500]), json.dumps(["a"]), json.dumps(["b"])])
     with pytest.raises(DataError, match=r"long\.csv.*id 2.*too_long"):
-        load_tokenized(f, TOK, 512, max_tokens=300, cache_dir=tmp_path)
-    ds = load_tokenized(f, TOK, 512, max_tokens=300, on_bad_row="skip", cache_dir=tmp_path)
+        load_tokenized(f, ARENA_TASK, TOK, 512, max_tokens=300, cache_dir=tmp_path)
+    ds = load_tokenized(f, ARENA_TASK, TOK, 512, max_tokens=300, on_bad_row="skip", cache_dir=tmp_path)
     assert ds.row_ids.tolist() == [1] and ds.labels is None
     assert ds.report.skipped_ids == {"too_long": [2]}
 
 
 def test_prepare_from_config(tmp_path):
-    from trainer.data.prepare import load_split, prepare_from_config
+    from trainer.datasets import has_split, load_split, prepare_splits
 
-    cfg = {"train_path": None, "eval_path": str(ARENA / "eval.csv"), "test_path": None,
+    cfg = {"task": "arena", "train_path": None, "eval_path": str(ARENA / "eval.csv"), "test_path": None,
            "tokenizer_path": str(TOK), "max_length": 1024, "max_tokens": 16384, "on_bad_row": "error",
            "prompt_layout": "interleaved", "swap_ab": True, "num_workers": 0, "cache_dir": str(tmp_path)}
-    out = prepare_from_config(cfg)
+    out = prepare_splits(cfg, ARENA_TASK)
     assert sorted(out) == ["eval", "eval_swapped"] and out["eval_swapped"].swapped.all()
     assert len(list(tmp_path.glob("*.npz"))) == 2
-    again = load_split(cfg, "eval")  # what the training job calls: a cache hit
+    again = load_split(cfg, ARENA_TASK, "eval")  # what the training job calls: a cache hit
     np.testing.assert_array_equal(again.input_ids, out["eval"].input_ids)
-    assert load_split(cfg, "test") is None
+    assert not has_split(cfg, "test")

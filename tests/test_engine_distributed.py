@@ -55,7 +55,7 @@ def test_two_processes_equal_one(reference, tmp_path):
     run_dir = h.shared_run(2, COMMON)
     _compare(run_dir, reference)
     state = h.trainer_state(h.latest_checkpoint(run_dir))
-    assert state["world_size"] == 2 and state["step"] == STEPS and state["rows_seen"] == 8 * STEPS
+    assert state["world_size"] == 2 and state["step"] == STEPS and state["state"]["progress"]["rows_seen"] == 8 * STEPS
 
 
 def test_different_micro_batch_cut_equals_one_process(reference, tmp_path):

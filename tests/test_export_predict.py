@@ -15,7 +15,7 @@ import torch
 from trainer.config import compose
 from trainer.consolidate import checkpoint_config, load_model_from_checkpoint, resolve_checkpoint
 from trainer.data.collate import Item, VarlenCollator
-from trainer.model import Gemma2Classifier
+from trainer.model.hf_io import load_pretrained
 from trainer.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def trained(request, tmp_path_factory):
 def _batch(n: int = 4):
     rng = np.random.default_rng(0)
     items = [Item(rng.integers(3, 256000, size=int(k)), None, i, 1.0) for i, k in enumerate(rng.integers(5, 40, n))]
-    return VarlenCollator()(items)
+    return VarlenCollator(3)(items).inputs
 
 
 def test_export_round_trip(trained, tmp_path):
@@ -48,7 +48,7 @@ def test_export_round_trip(trained, tmp_path):
     assert {"model.safetensors", "config.json", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     ckpt = resolve_checkpoint(run_dir)
     reference = load_model_from_checkpoint(ckpt, checkpoint_config(ckpt))
-    exported = Gemma2Classifier.from_pretrained(out, head=head).eval()
+    exported = load_pretrained(out, head=head).eval()
     batch = _batch()
     with torch.no_grad():
         want = reference(**batch)

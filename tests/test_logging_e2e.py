@@ -30,7 +30,7 @@ def test_wandb_offline_history_and_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "secret-should-never-be-written-0123456789")
     run(compose(TINY + [f"trainer.run_dir={tmp_path}", "trainer.max_steps=4"]))
     state = json.loads(next((tmp_path / "checkpoints").glob("step-00000004/trainer_state.json")).read_text())
-    run_id = state["wandb_run_id"]
+    run_id = state["state"]["logger"]["wandb_run_id"]
     assert run_id
 
     first = read_offline_runs(tmp_path, run_id)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trainer.metrics import LossBuffer, classification_metrics
+from trainer.tasks.arena import CLASS_NAMES as ARENA
 
 LN2 = math.log(2)
 
@@ -34,7 +35,7 @@ def test_metrics_hand_computed_with_soft_label_and_never_predicted_class():
             [0.25, 0.50, 0.25],  # r4 pred b
         ]
     )
-    m = classification_metrics(probs, labels)
+    m = classification_metrics(probs, labels, class_names=ARENA)
 
     # Cross-entropy per row, -sum_c y_c ln p_c, with ln 0.25 = 2 ln 0.5:
     #   r0: ln2   r1: ln2   r2: 2 ln2   r3: 0.7*2ln2 + 0.3*ln2 = 1.7 ln2   r4: ln2
@@ -67,7 +68,7 @@ def test_log_loss_clips_and_renormalises_like_sklearn():
             [0.4, 0.2, 0.2],  # sums to 0.8: renormalised to [0.5, 0.25, 0.25]
         ]
     )
-    m = classification_metrics(probs, labels, eps=eps)
+    m = classification_metrics(probs, labels, eps=eps, class_names=ARENA)
     # row0: clip -> [1-eps, eps, eps], sum 1+eps, p_b = eps/(1+eps); row1: -ln 0.5
     row0 = -math.log(eps / (1 + eps))
     assert row0 == pytest.approx(34.538776, rel=1e-6)
@@ -88,11 +89,11 @@ def test_macro_f1_skips_classes_absent_from_truth_and_predictions():
 
 def test_metrics_reject_bad_shapes():
     with pytest.raises(ValueError):
-        classification_metrics(np.ones((2, 3)) / 3, np.ones((2, 2)))
+        classification_metrics(np.ones((2, 3)) / 3, np.ones((2, 2)), class_names=ARENA)
     with pytest.raises(ValueError):
-        classification_metrics(np.zeros((0, 3)), np.zeros((0, 3)))
+        classification_metrics(np.zeros((0, 3)), np.zeros((0, 3)), class_names=ARENA)
     with pytest.raises(ValueError):
-        classification_metrics(np.ones((1, 2)) / 2, np.eye(2)[:1])  # 3 default names, 2 classes
+        classification_metrics(np.ones((1, 2)) / 2, np.eye(2)[:1], class_names=ARENA)  # 3 names, 2 classes
 
 
 def test_loss_buffer_wraps_and_weights():

@@ -34,6 +34,7 @@ def model_and_batch(dtype=torch.bfloat16, **overrides):
 
 def run(model, batch, impl, rope="torch", pooled=True, grad=False):
     model.args.attn_impl, model.args.rope_impl, model.args.last_layer_pooled_only = impl, rope, pooled
+    model.select_kernels()  # where the parameters live, in their dtype
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grad):
         logits = model(**batch)

@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from trainer.model import Gemma2Classifier
 from trainer.model.testing import pack, randomize_norms, tiny_args
+from trainer.parallel import apply_activation_checkpointing
 
 
 @pytest.fixture
@@ -28,8 +29,9 @@ def test_fully_shard_per_layer_with_activation_checkpointing(gloo_world):
     batch = pack([torch.randint(1, 128, (n,), generator=g) for n in (9, 17, 4)])
     ref = Gemma2Classifier(tiny_args(head="mlp", head_dropout=0.0))
     randomize_norms(ref)
-    model = Gemma2Classifier(tiny_args(head="mlp", head_dropout=0.0, activation_checkpointing=True))
+    model = Gemma2Classifier(tiny_args(head="mlp", head_dropout=0.0))
     model.load_state_dict(ref.state_dict())
+    apply_activation_checkpointing(model)
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)

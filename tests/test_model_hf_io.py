@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.model import Gemma2Classifier, ModelArgs, count_params, match_checkpoint_keys, parameter_name_map
+from trainer.model.hf_io import load_pretrained, save_pretrained
 from trainer.model.testing import pack, randomize_norms, tiny_args, to_transformers
+from trainer.tasks import ArenaTask
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 TOL = 2e-5
@@ -40,7 +42,7 @@ def hf_model():
 
 def test_transformers_seqcls_to_ours(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)
-    model = Gemma2Classifier.from_pretrained(tmp_path, head="linear")
+    model = load_pretrained(tmp_path, head="linear")
     assert not model.training and model.args.sliding_window == 8
     assert (ours_logits(model, seqs()) - hf_logits(hf_model, seqs())).abs().max() < TOL
 
@@ -48,9 +50,9 @@ def test_transformers_seqcls_to_ours(hf_model, tmp_path):
 def test_transformers_sharded_and_bf16(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    model = Gemma2Classifier.from_pretrained(tmp_path, head="linear")
+    model = load_pretrained(tmp_path, head="linear")
     assert (ours_logits(model, seqs()) - hf_logits(hf_model, seqs())).abs().max() < TOL
-    bf16 = Gemma2Classifier.from_pretrained(tmp_path, head="linear", dtype=torch.bfloat16)
+    bf16 = load_pretrained(tmp_path, head="linear", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
@@ -65,7 +67,7 @@ def test_backbone_checkpoints_get_fresh_head(hf_model, tmp_path, caplog, cls_nam
     backbone.load_state_dict({prefix + k: v for k, v in sd.items()}, strict=False)
     backbone.save_pretrained(tmp_path)
     with caplog.at_level(logging.INFO, logger="trainer.model.hf_io"):
-        model = Gemma2Classifier.from_pretrained(tmp_path, head=head)
+        model = load_pretrained(tmp_path, head=head)
     assert "head initialised fresh" in caplog.text
     with torch.no_grad():
         _, pooled = model(**pack(seqs()), return_hidden=True)
@@ -80,12 +82,12 @@ def test_ours_linear_to_transformers(tmp_path):
     torch.manual_seed(1)
     model = Gemma2Classifier(tiny_args()).eval()
     randomize_norms(model)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path, labels=ArenaTask().output_columns)
     assert set(load_file(tmp_path / "model.safetensors")) == set(parameter_name_map(model).values())
     hf = Gemma2ForSequenceClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert hf.config.num_labels == 3 and hf.config.id2label[2] == "winner_tie"
     assert (hf_logits(hf, seqs()) - ours_logits(model, seqs())).abs().max() < TOL
-    back = Gemma2Classifier.from_pretrained(tmp_path)  # head recorded in config.json
+    back = load_pretrained(tmp_path)  # head recorded in config.json
     assert back.args.head == "linear" and torch.equal(ours_logits(back, seqs()), ours_logits(model, seqs()))
 
 
@@ -93,20 +95,20 @@ def test_ours_mlp_round_trip(tmp_path):
     torch.manual_seed(2)
     model = Gemma2Classifier(tiny_args(head="mlp", head_dropout=0.2)).eval()
     randomize_norms(model)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert {"head.fc1.weight", "head.fc1.bias", "head.fc2.weight", "head.fc2.bias"} <= keys
-    back = Gemma2Classifier.from_pretrained(tmp_path)
+    back = load_pretrained(tmp_path)
     assert back.args.head == "mlp" and back.args.head_dropout == 0.2
     assert torch.equal(ours_logits(back, seqs()), ours_logits(model, seqs()))
     # the same file also loads with a linear head (fresh) and the identical backbone
-    lin = Gemma2Classifier.from_pretrained(tmp_path, head="linear")
+    lin = load_pretrained(tmp_path, head="linear")
     torch.testing.assert_close(lin.embed_tokens.weight, model.embed_tokens.weight, rtol=0, atol=0)
 
 
 def _saved(tmp_path):
     torch.manual_seed(3)
-    Gemma2Classifier(tiny_args()).save_pretrained(tmp_path)
+    save_pretrained(Gemma2Classifier(tiny_args()), tmp_path)
     return tmp_path
 
 
@@ -116,7 +118,7 @@ def test_error_missing_tensor(tmp_path):
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, path / "model.safetensors")
     with pytest.raises(KeyError, match=r"layers\.1\.mlp\.up_proj\.weight"):
-        Gemma2Classifier.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_error_shape_mismatch(tmp_path):
@@ -124,7 +126,7 @@ def test_error_shape_mismatch(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=80)))
     with pytest.raises(ValueError, match=r"shape mismatch for 'model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight'.*checkpoint \(\d+, \d+\), model expects \(\d+, \d+\)"):
-        Gemma2Classifier.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_error_not_gemma2(tmp_path):
@@ -132,7 +134,7 @@ def test_error_not_gemma2(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
     with pytest.raises(ValueError, match="model_type 'gemma2'.*'llama'"):
-        Gemma2Classifier.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_error_pickle_only_is_refused(tmp_path, monkeypatch):
@@ -141,7 +143,7 @@ def test_error_pickle_only_is_refused(tmp_path, monkeypatch):
     (path / "pytorch_model.bin").write_bytes(b"not to be unpickled")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
     with pytest.raises(ValueError, match=r"only pickle checkpoint.*pytorch_model\.bin.*refusing to unpickle"):
-        Gemma2Classifier.from_pretrained(path)
+        load_pretrained(path)
 
 
 def test_real_9b_index_maps_onto_model():

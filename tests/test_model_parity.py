@@ -155,8 +155,10 @@ def test_sdpa_and_auto_resolve_to_reference_on_cpu():
     batch = pack(random_seqs([4, 9, 3], 128))
     with torch.no_grad():
         ref = model(**batch)
+        assert model.select_kernels() == ("reference", "torch")
         for impl in ("sdpa", "auto"):
             model.args.attn_impl = impl
+            assert model.select_kernels(torch.device("cpu"), torch.float32) == ("reference", "torch")
             assert torch.equal(model(**batch), ref)
 
 
@@ -166,19 +168,26 @@ def test_input_layouts():
     with torch.no_grad():
         ref = model(**batch)
         flat = dict(batch, input_ids=batch["input_ids"][0], position_ids=batch["position_ids"][0], max_seq_len=None)
-        assert torch.equal(model(**flat, labels=None, seq_lens=[4, 9, 3]), ref)  # extra collator keys ignored
+        assert torch.equal(model(**flat), ref)
+        with pytest.raises(TypeError, match="seq_lens"):  # bookkeeping is never swallowed as an input
+            model(**flat, seq_lens=[4, 9, 3])
         with pytest.raises(ValueError, match="one packed row"):
             model(**dict(batch, input_ids=batch["input_ids"].expand(2, -1)))
 
 
 def test_activation_checkpointing_same_grads():
+    from trainer.parallel import apply_activation_checkpointing
+
     seqs = random_seqs(LENGTHS, 128, seed=4)
     grads = []
     for ckpt in (False, True):
-        model, _ = make_pair(seed=4, activation_checkpointing=ckpt)
+        model, _ = make_pair(seed=4)
+        if ckpt:
+            apply_activation_checkpointing(model)
         model.train()
         model(**pack(seqs)).square().sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert list(grads[0]) == list(grads[1])  # parameter names unchanged by the wrapper
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=0)
 

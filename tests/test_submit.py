@@ -24,9 +24,12 @@ def test_dry_run_prints_config_and_slurm_parameters(capsys):
     assert "query_pre_attn_scalar: 256" in printed and '"nproc_per_node": 8' in printed
 
 
-def test_bad_override_is_refused_before_submission():
-    with pytest.raises(Exception, match="hiden"):
+def test_bad_override_is_refused_before_submission(capsys):
+    with pytest.raises(SystemExit) as exc:
         submit_main(["+experiment=cpu_demo", "--dry-run", "model.hiden_size=3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "hiden" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Read back an offline wandb run from the ``.wandb`` transaction log it wrote.
 
-wandb (>= 0.18, "wandb-core") has no public reader for offline runs, so this
-test helper parses the file directly. Format, as written by wandb-core
+wandb (>= 0.18, "wandb-core") has no public reader for offline runs. The record framing is
+parsed by trainer/tracking/wandb_log.py (shared with the logger); this helper turns the
+records into run info, config, history and summary. Format, as written by wandb-core
 (``core/internal/transactionlog`` + ``core/pkg/leveldb/record.go``, which is
 golang/leveldb's record format; the same as the old Python
 ``wandb/sdk/internal/datastore.py``):
@@ -27,90 +28,20 @@ History values are JSON strings keyed by ``key`` or ``nested_key`` (joined with
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-HEADER = struct.Struct("<4sHB")
-HEADER_IDENT = b":W&B"
-HEADER_MAGIC = 0xBEE1
-HEADER_VERSION = 0
-BLOCK_SIZE = 32 * 1024
-CHUNK_HEADER = struct.Struct("<IHB")
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-class WandbFileError(ValueError):
-    pass
-
-
-def iter_record_bytes(path: str | Path, chunk_types: list[int] | None = None) -> Iterator[bytes]:
-    """Yield each record's payload bytes from a ``.wandb`` file, verifying CRCs.
-
-    If ``chunk_types`` is given, the type of every chunk read is appended to it."""
-    data = Path(path).read_bytes()
-    if len(data) < HEADER.size:
-        raise WandbFileError(f"{path}: too short for a header")
-    ident, magic, version = HEADER.unpack_from(data, 0)
-    if ident != HEADER_IDENT or magic != HEADER_MAGIC or version != HEADER_VERSION:
-        raise WandbFileError(f"{path}: bad header {ident!r} {magic:#x} {version}")
-
-    pos = HEADER.size
-    pending: bytearray | None = None
-    n = len(data)
-    while pos < n:
-        left_in_block = BLOCK_SIZE - pos % BLOCK_SIZE
-        if left_in_block < CHUNK_HEADER.size:
-            if any(data[pos : pos + left_in_block]):
-                raise WandbFileError(f"{path}: non-zero block trailer at {pos}")
-            pos += left_in_block
-            continue
-        if pos + CHUNK_HEADER.size > n:
-            break  # truncated tail (a run still being written)
-        checksum, length, ctype = CHUNK_HEADER.unpack_from(data, pos)
-        if checksum == 0 and length == 0 and ctype == 0:
-            # zeroed rest of block (preallocated / padded): skip to next block
-            pos += left_in_block
-            continue
-        start = pos + CHUNK_HEADER.size
-        end = start + length
-        if length > left_in_block - CHUNK_HEADER.size or end > n:
-            raise WandbFileError(f"{path}: chunk at {pos} overflows its block / file")
-        payload = data[start:end]
-        if zlib.crc32(bytes([ctype]) + payload) & 0xFFFFFFFF != checksum:
-            raise WandbFileError(f"{path}: checksum mismatch in chunk at {pos}")
-        pos = end
-        if chunk_types is not None:
-            chunk_types.append(ctype)
-        if ctype == FULL:
-            if pending is not None:
-                raise WandbFileError(f"{path}: FULL chunk inside a multi-chunk record")
-            yield bytes(payload)
-        elif ctype == FIRST:
-            if pending is not None:
-                raise WandbFileError(f"{path}: FIRST chunk inside a multi-chunk record")
-            pending = bytearray(payload)
-        elif ctype in (MIDDLE, LAST):
-            if pending is None:
-                raise WandbFileError(f"{path}: {ctype=} chunk without FIRST")
-            pending += payload
-            if ctype == LAST:
-                yield bytes(pending)
-                pending = None
-        else:
-            raise WandbFileError(f"{path}: unknown chunk type {ctype} at {pos}")
-
-
-def iter_records(path: str | Path):
-    """Yield ``wandb_internal_pb2.Record`` messages from a ``.wandb`` file."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    for raw in iter_record_bytes(path):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        yield rec
+# The framing reader lives in the package (the logger needs it too); one parser of the format.
+from trainer.tracking.wandb_log import (  # noqa: E402,F401 - re-exported for the tests
+    FIRST,
+    FULL,
+    LAST,
+    MIDDLE,
+    WandbFileError,
+    iter_record_bytes,
+    iter_records,
+)
 
 
 def _item_path(item) -> list[str]:

@@ -5,7 +5,9 @@ Layout of ``<run_dir>/checkpoints``::
     step-00000010/          a committed checkpoint
         .metadata           DCP metadata (written last by DCP's coordinator)
         __0_0.distcp ...    one file per rank: its shards of model + optimizer + its RNG
-        trainer_state.json  step, sampler position, loss buffer, scheduler, wandb id, config,
+        trainer_state.json  step and the caller's metadata (config, architecture, task), the
+                            ``state_dict()`` of every non-tensor Stateful handed to save()
+                            under "state" (sampler, loss buffer, scheduler, counters, logger),
                             and the byte size of every file above (truncation check)
     step-00000020.tmp/      being written, or left behind by a crash: never loaded
     latest                  text file naming the last committed checkpoint
@@ -27,7 +29,7 @@ import shutil
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import torch
 import torch.distributed as dist
@@ -40,15 +42,21 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .distributed import barrier, broadcast_object
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+FORMAT = 2
 
 
-class CheckpointError(RuntimeError):
-    pass
+class Stateful(Protocol):
+    """DCP's Stateful protocol; here for non-tensor state saved as JSON."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -83,10 +91,18 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[n_cpu:].clone(), device)
 
 
+def _json_value(o: Any) -> Any:
+    # Tensors and numpy values in a state_dict (e.g. the loss buffer) become lists and
+    # numbers; Python floats round-trip through JSON exactly.
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable in a checkpoint's state: {type(o).__name__}")
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, default=_json_value)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -130,8 +146,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     if not state_file.is_file():
         raise CheckpointError(f"{path}: {STATE_FILE} is missing (incomplete checkpoint)")
     try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        state = _upgrade(json.loads(state_file.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: {STATE_FILE} is corrupt: {e}") from e
     for name, size in state.get("files", {}).items():
         f = path / name
@@ -144,6 +160,16 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - any failure to parse means unusable
         raise CheckpointError(f"{path}: DCP metadata unreadable: {e}") from e
     return state
+
+
+def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 (wave 1) listed each piece of state at the top level."""
+    if state.get("format", 1) >= 2:
+        return state
+    return {**state, "format": FORMAT, "state": {
+        "progress": {k: state.get(k, 0) for k in ("step", "tokens_seen", "rows_seen")},
+        "sampler": state["sampler"], "loss_buffer": state["loss_buffer"], "scheduler": state["scheduler"],
+        "logger": {"wandb_run_id": state.get("wandb_run_id")}}}
 
 
 def find_latest(root: Path) -> tuple[Path | None, list[str]]:
@@ -178,8 +204,14 @@ class Checkpointer:
 
     # ---- save -------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any]) -> None:
-        """Collective: every rank calls it. trainer_state (rank 0's copy) goes into JSON."""
+             states: Mapping[str, Stateful], metadata: Mapping[str, Any] | None = None) -> None:
+        """Collective: every rank calls it. Model and optimizer shards go to DCP; rank 0's
+        ``states`` (each one's ``state_dict()``, taken now) and ``metadata`` go into JSON."""
+        trainer_state = {**(metadata or {}), "format": FORMAT, "step": step,
+                         "state": {name: s.state_dict() for name, s in states.items()},
+                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # JSON now, not at commit: an async save must hold this step's state, not a later one's.
+        trainer_state = json.loads(json.dumps(trainer_state, default=_json_value))
         t0 = time.perf_counter()
         self.wait()  # one checkpoint in flight at a time
         final = self.root / step_dir_name(step)
@@ -212,6 +244,25 @@ class Checkpointer:
         self._pending = None
         fut.result()
         self._commit(tmp, final, trainer_state)
+
+    def close(self, *, failed: bool = False, timeout_s: float = 300.0) -> None:
+        """Release the checkpointer. Normally: commit an in-flight async save (collective).
+        After a failure the other ranks may be anywhere, so no collective is attempted: the
+        background write is given ``timeout_s`` to finish and stays an uncommitted ``.tmp``
+        (never loaded), and the previous checkpoint remains the latest."""
+        if not failed:
+            self.wait()
+            return
+        if self._pending is None:
+            return
+        fut, tmp, _, _ = self._pending
+        self._pending = None
+        try:
+            fut.result(timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - a failure is being handled already
+            log.warning("async checkpoint %s did not finish (%s): left uncommitted", tmp, e or type(e).__name__)
+        else:
+            log.warning("async checkpoint %s written but not committed (the run failed)", tmp)
 
     def _commit(self, tmp: Path, final: Path, trainer_state: dict[str, Any]) -> None:
         # DCP's coordinator writes .metadata only after every rank reported its writes done,
@@ -251,10 +302,15 @@ class Checkpointer:
         choice = broadcast_object(choice)
         return Path(choice) if choice else None
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Collective. Restores model, optimizer and this rank's RNG; returns trainer state."""
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             states: Mapping[str, Stateful]) -> dict[str, Any]:
+        """Collective. Restores model, optimizer, this rank's RNG and every one of ``states``;
+        returns the checkpoint's JSON (its metadata)."""
         path = Path(path)
         trainer_state = verify_checkpoint(path)
+        missing = [name for name in states if name not in trainer_state["state"]]
+        if missing:
+            raise CheckpointError(f"{path}: {STATE_FILE} has no state for {missing}")
         msd, osd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": msd, "optim": osd}
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -272,4 +328,6 @@ class Checkpointer:
             # Resharded onto more ranks than were saved: a fresh, reproducible stream.
             torch.manual_seed(int(trainer_state.get("seed", 0)) * 1_000_003 + self.rank * 7919 + int(trainer_state["step"]))
             log.warning("rank %d has no saved RNG state in %s (world size changed); reseeded", self.rank, path)
+        for name, stateful in states.items():
+            stateful.load_state_dict(trainer_state["state"][name])
         return trainer_state

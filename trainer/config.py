@@ -1,19 +1,24 @@
-"""Typed config schema.
+"""Typed config schema: every default is stated here, once.
 
 Every config group under ``conf/`` is merged onto these dataclasses (registered in Hydra's
-ConfigStore as ``schema``), so an unknown key or a value of the wrong type fails at
-composition time, before any compute, with the key named by OmegaConf.
+ConfigStore as ``schema``); the yaml files only hold what a preset changes. An unknown key or
+a value of the wrong type fails at composition time, before any compute, as a one-line
+``ConfigError`` naming the key (``compose``); ``validate`` checks enumerations, ranges and
+combinations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .errors import ConfigError
 from .model.args import ATTN_IMPLS, HEADS, ROPE_IMPLS, ModelArgs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +43,18 @@ class ModelConfig(ModelArgs):
     query_pre_attn_scalar: Optional[int] = 256
     # Storage dtype of the weights. bfloat16 + AnyPrecisionAdamW(Kahan) = no fp32 master copy.
     dtype: str = "float32"
+    # Classes of the head: null follows the task (3 for Arena, the class count otherwise).
+    num_labels: Optional[int] = None
+    # parallelize: checkpoint each decoder layer's activations; torch.compile each layer (CUDA).
+    activation_checkpointing: bool = False
+    compile: bool = False
 
 
 @dataclass
 class DataConfig:
-    train_path: str = "${project_root:}/../shared/fixtures/arena/train.csv"
-    eval_path: Optional[str] = "${project_root:}/../shared/fixtures/arena/eval.csv"
+    task: str = "arena"  # arena | text_classification (config group data/task)
+    train_path: str = MISSING  # CSV / parquet / JSONL; data/task=arena points at the shared fixtures
+    eval_path: Optional[str] = None
     test_path: Optional[str] = None
     tokenizer_path: str = "${project_root:}/../shared/fixtures/gemma2-tokenizer"
     max_length: int = 4096
@@ -51,8 +62,13 @@ class DataConfig:
     global_batch_rows: int = 80  # rows per optimizer step over all ranks
     eval_max_tokens: Optional[int] = None  # defaults to max_tokens
     on_bad_row: str = "error"  # error | skip
-    prompt_layout: str = "interleaved"  # interleaved | sequential
-    swap_ab: bool = False  # A/B swap augmentation: doubles the training rows
+    # No eval file: hold out this seeded, label-stratified share of the training file (0.2 = 80/20).
+    eval_fraction: Optional[float] = None
+    prompt_layout: str = "interleaved"  # arena: interleaved | sequential
+    swap_ab: bool = False  # arena: A/B swap augmentation, doubles the training rows
+    text_column: str = "text"  # text_classification: the text to classify
+    label_column: str = "label"  # text_classification: class name or integer per row
+    class_names: Optional[list[str]] = None  # text_classification: null = sorted labels of the training file
     shuffle: bool = True
     limit_train_rows: Optional[int] = None  # take the first N rows (smoke tests, demos)
     limit_eval_rows: Optional[int] = None
@@ -171,6 +187,7 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "data.task": ("arena", "text_classification"),
     "model.head": HEADS,
     "model.attn_impl": ATTN_IMPLS,
     "model.rope_impl": ROPE_IMPLS,
@@ -191,18 +208,50 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def register_configs() -> None:
     _register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
 
 
+def _unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys a ``+key=value`` override slipped past the schema (Hydra lifts struct mode for it)."""
+    known = {f.name: f for f in fields(schema)}
+    out = []
+    for key in cfg.keys():
+        if key not in known:
+            out.append(f"{prefix}{key}")
+            continue
+        factory = known[key].default_factory
+        sub = factory() if callable(factory) else None
+        if is_dataclass(sub) and isinstance(cfg[key], DictConfig):
+            out += _unknown_keys(cfg[key], type(sub), f"{prefix}{key}.")
+    return out
+
+
+def _closest(key: str) -> str:
+    """ ' (did you mean model.hidden_size?)' for a misspelt key, else ''."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.structured(Config)
+    node = OmegaConf.select(node, parent) if parent else node
+    options = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    match = difflib.get_close_matches(name, options, n=1)
+    if not match:
+        return ""
+    return f" (did you mean {parent + '.' if parent else ''}{match[0]}?)"
+
+
 def validate(cfg: DictConfig) -> None:
-    """Checks beyond types: enumerations and ranges. Raises ConfigError naming the key."""
+    """Checks beyond types: unknown keys, missing values, enumerations, ranges, combinations.
+    Raises ConfigError naming the key."""
+    unknown = _unknown_keys(cfg, Config)
+    if unknown:
+        raise ConfigError(f"config key '{unknown[0]}' is not part of the schema (trainer/config.py)"
+                          f"{_closest(unknown[0])}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as e:  # noqa: BLE001 - MissingMandatoryValue / interpolation errors name the key
+        raise config_error(e) from None
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -227,18 +276,64 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config key 'model.hidden_size' must be even (the mlp head uses h/2)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas' needs two values, got {list(cfg.optim.betas)}")
+    d, m = cfg.data, cfg.model
+    if d.eval_fraction is not None and not 0.0 < d.eval_fraction < 1.0:
+        raise ConfigError(f"config key 'data.eval_fraction' must be in (0, 1) or null, got {d.eval_fraction}")
+    if d.swap_ab and d.task != "arena":
+        raise ConfigError(f"config key 'data.swap_ab' = true: task {d.task} has no A/B swap (set data.swap_ab=false)")
+    if d.class_names is not None and d.task != "text_classification":
+        raise ConfigError(f"config key 'data.class_names' is for data/task=text_classification (task is {d.task})")
+    if m.query_pre_attn_scalar is None and not m.name_or_path:
+        raise ConfigError("config key 'model.query_pre_attn_scalar' = null means 'keep the checkpoint's value' and "
+                          "needs model.name_or_path; set a number to train from scratch")
+    if m.compile and m.activation_checkpointing:
+        raise ConfigError("config keys 'model.compile' and 'model.activation_checkpointing' cannot both be true yet: "
+                          "the attention masks are built inside the checkpointed layers (docs/architecture.md)")
+
+
+_NOISE = re.compile(r"^\s*(reference_type|object_type|provider)=|^Config search path|^To append to your config|"
+                    r"^See https://hydra.cc")
+
+
+def config_error(e: BaseException) -> ConfigError:
+    """One line from a Hydra / OmegaConf error (and its cause): what is wrong and with which key."""
+    parts: list[str] = []
+    for err in (e, e.__cause__):
+        if err is None:
+            continue
+        for line in str(err).splitlines():
+            text = line.strip()
+            if not text or _NOISE.search(line) or text in parts:
+                continue
+            if line.startswith("\t") and parts and parts[-1].endswith((":", ",")):
+                parts[-1] += (" " if parts[-1].endswith(":") else " ") + text + ","  # a listed option
+            else:
+                parts.append(text)
+    text = re.sub(r"\s+", " ", "; ".join(p.rstrip(",") for p in parts)).replace(".;", ";")
+    key = re.search(r"full_key: ([\w.]+)", text)
+    if key and " not in " in text:
+        text += _closest(key.group(1))
+    return ConfigError(text if len(text) <= 600 else text[:600] + "...")
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose ``conf/`` outside of ``hydra.main`` (tests, launch.submit, notebooks)."""
+    """Compose ``conf/`` with Hydra's override grammar and validate it (the entry points,
+    launch.submit, tests). Any composition error is a one-line ConfigError naming the key."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    try:
+        with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise config_error(e) from e
+    finally:
+        GlobalHydra.instance().clear()
     validate(cfg)
     return cfg
 

@@ -1,46 +1,37 @@
-"""Load a sharded training checkpoint into one plain (unsharded) model on one process.
+"""A training checkpoint as one plain (unsharded) model on one process, for export and predict.
 
-Used by export and predict. DCP reshards on load, so a checkpoint written by N ranks loads on
-one CPU process without a process group. The run's resolved config travels inside the
-checkpoint (trainer_state.json), so only the path is needed; key=value overrides may change
-inference-time settings (attention backend, data paths).
+DCP reshards on load, so a checkpoint written by N ranks loads on one CPU process without a
+process group. The run's resolved config, its task (class names) and its model's full
+architecture travel inside the checkpoint (trainer_state.json), so only the path is needed;
+key=value overrides may change inference-time settings (attention backend, data paths) but
+not what was trained (see trainer/build.py: load_for_inference).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError, SafeLoadPlanner, find_latest, verify_checkpoint
-from .config import Config, ConfigError, register_configs, validate
+from .build import load_for_inference
+from .checkpoint import find_latest, verify_checkpoint
+from .config import Config, register_configs, validate
+from .errors import CheckpointError, ConfigError
 from .model import Gemma2Classifier
+from .tasks import Task, build_task, task_from_record
 
 log = logging.getLogger(__name__)
-
-
-def parse_cli(argv: list[str], special: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
-    """Split `key=value` arguments into the entry point's own keys and config overrides."""
-    own: dict[str, str] = {}
-    overrides: list[str] = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value, got {arg!r}")
-        if key in special:
-            own[key] = value
-        else:
-            overrides.append(arg)
-    return own, overrides
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step-N directory, or a run directory / checkpoints directory (its latest complete one)."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint={path}: no such file or directory")
     if (path / ".metadata").is_file():
         verify_checkpoint(path)
         return path
@@ -50,39 +41,63 @@ def resolve_checkpoint(path: str | Path) -> Path:
             log.warning("checkpoint refused: %s", p)
         if found is not None:
             return found
-    raise CheckpointError(f"no complete checkpoint at {path}")
+    raise CheckpointError(f"checkpoint={path}: no complete checkpoint there (expected a run directory or a "
+                          "checkpoints/step-N directory)")
 
 
-def checkpoint_config(ckpt: Path, overrides: list[str] | None = None) -> DictConfig:
+def checkpoint_config(ckpt: Path, overrides: list[str] | None = None, state: dict | None = None) -> DictConfig:
     """The config the checkpoint was trained with (validated), with dotlist overrides applied."""
     register_configs()
-    state = verify_checkpoint(ckpt)
+    state = state or verify_checkpoint(ckpt)
     base = OmegaConf.structured(Config)
     cfg = OmegaConf.merge(base, OmegaConf.create(state["config"]))
     if overrides:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         except Exception as e:  # noqa: BLE001 - OmegaConf names the key
-            raise ConfigError(f"bad override {overrides}: {e}") from e
+            raise ConfigError(f"bad override {overrides}: {str(e).splitlines()[0]}") from e
     validate(cfg)
     return cfg
 
 
-def load_model_from_checkpoint(ckpt: Path, cfg: DictConfig, device: torch.device | str = "cpu") -> Gemma2Classifier:
-    """Build the model on the meta device, allocate once, and fill it from the DCP shards."""
-    from .train import model_args_from_config
+def checkpoint_task(ckpt: Path, cfg: DictConfig, state: dict | None = None) -> Task:
+    """The task the checkpoint was trained on (its recorded class names), checked against cfg."""
+    state = state or verify_checkpoint(ckpt)
+    if "task" not in state:  # written before tasks were recorded: the Arena task
+        return build_task(cfg.data)
+    return task_from_record(state["task"], cfg.data, str(ckpt))
 
-    args = model_args_from_config(cfg.model)
-    with torch.device("meta"):
-        model = Gemma2Classifier(args)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    model = model.to(dtype).to_empty(device=device)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), planner=SafeLoadPlanner(allow_partial_load=True))
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval()
+
+@dataclass
+class TrainedRun:
+    """What a checkpoint says about its run: enough to rebuild the model, score and export."""
+
+    checkpoint: Path
+    state: dict  # trainer_state.json
+    cfg: DictConfig  # the training config, with the caller's overrides
+    task: Task
+    overrides: list[str]
+
+    def load_model(self, device: torch.device | str = "cpu") -> Gemma2Classifier:
+        """The trained model, unsharded on ``device``, in eval mode."""
+        return load_for_inference(self.checkpoint, self.state, self.cfg, self.task, self.overrides, device)
+
+
+def open_trained(checkpoint: str | Path, overrides: list[str] | None = None) -> TrainedRun:
+    """A run directory or checkpoint directory, resolved and verified, with its config and task."""
+    ckpt = resolve_checkpoint(checkpoint)
+    state = verify_checkpoint(ckpt)
+    cfg = checkpoint_config(ckpt, overrides, state)
+    return TrainedRun(ckpt, state, cfg, checkpoint_task(ckpt, cfg, state), list(overrides or []))
+
+
+def load_model_from_checkpoint(ckpt: Path, cfg: DictConfig, device: torch.device | str = "cpu") -> Gemma2Classifier:
+    """The trained model of ``ckpt`` (config as given by ``checkpoint_config``)."""
+    state = verify_checkpoint(ckpt)
+    return load_for_inference(ckpt, state, cfg, checkpoint_task(ckpt, cfg, state), (), device)
 
 
 def checkpoint_metadata(ckpt: Path) -> dict[str, Any]:
     state = verify_checkpoint(ckpt)
-    return {k: state[k] for k in ("step", "tokens_seen", "world_size", "saved_at") if k in state}
+    return {"step": state["step"], "tokens_seen": state["state"]["progress"].get("tokens_seen"),
+            **{k: state[k] for k in ("world_size", "saved_at") if k in state}}

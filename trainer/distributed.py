@@ -6,10 +6,14 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,14 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     return DistInfo(rank, local_rank, world_size, local_world_size, dev, backend)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(graceful: bool = True) -> None:
+    """Tear the process group (and its subgroups) down. ``graceful=False`` after a failure:
+    the peers may be anywhere, so no barrier is attempted."""
     if dist.is_initialized():
-        # Every rank leaves its last collective before any rank tears its group down: a peer
-        # still talking to a destroyed gloo group was seen to abort at interpreter exit.
-        barrier()
+        if graceful:
+            # Every rank leaves its last collective before any rank tears its group down: a
+            # peer still talking to a destroyed gloo group was seen to abort at interpreter exit.
+            barrier()
         dist.destroy_process_group()
 
 
@@ -109,6 +116,35 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank0_result(fn: Callable[[], T], info: DistInfo | None = None) -> T:
+    """``fn()`` computed by rank 0 alone and broadcast to every rank. An exception on rank 0 is
+    raised on every rank: a UserError with rank 0's message, marked collective (rank 0 alone
+    reports it); anything else as a RuntimeError naming rank 0's error."""
+    single = info is None or info.world_size == 1 or not dist.is_initialized()
+    if single:
+        return fn()
+    result, failure = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure = e
+    outcome = broadcast_object((result, None) if failure is None else
+                               (None, (isinstance(failure, UserError), type(failure), str(failure))))
+    if failure is not None:
+        if isinstance(failure, UserError):
+            failure.collective = True
+        raise failure
+    if outcome[1] is not None:
+        user_error, kind, message = outcome[1]
+        if user_error:
+            err = kind(message)
+            err.collective = True
+            raise err
+        raise RuntimeError(f"rank 0 failed: {kind.__name__}: {message}")
+    return outcome[0]
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

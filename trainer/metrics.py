@@ -87,7 +87,8 @@ def classification_metrics(
     probs: np.ndarray,
     labels: np.ndarray,
     eps: float = 1e-15,
-    class_names: Sequence[str] = ("a", "b", "tie"),
+    *,
+    class_names: Sequence[str],
 ) -> dict[str, Any]:
     """Log loss, accuracy, per-class and macro F1 and the confusion matrix.
 
@@ -96,7 +97,7 @@ def classification_metrics(
         labels: [N, C] one-hot or soft targets (rows summing to 1).
         eps: probabilities are clipped to [eps, 1 - eps] and rows renormalised before the log,
             as sklearn's ``log_loss(eps=1e-15)`` did.
-        class_names: names for the ``f1_<name>`` keys.
+        class_names: the task's class names, for the ``f1_<name>`` keys (one per class).
 
     Returns a dict with ``log_loss`` (mean over rows of ``-sum_c y_c log p_c``, which for one-hot
     labels is sklearn's log_loss), ``accuracy`` (argmax of probs vs argmax of labels; a soft-label

@@ -1,7 +1,13 @@
-"""FSDP2 wrapping: one unit per decoder layer, then the embeddings, then the root.
+"""Parallelize a built model: activation checkpointing -> compile -> FSDP2, in that order.
 
-The same code runs on one CPU process (a world of one) and on many GPUs. HSDP (replicate
-across groups, shard inside each) comes from a 2-D device mesh when dp_replicate > 1.
+Each decoder layer is one unit for all three (torchtitan's order: checkpointing wraps the
+layer's forward, compile traces the checkpointed layer, and fully_shard puts the all-gather
+hooks around the compiled layer). FSDP2 then wraps the embeddings and the root. The same code
+runs on one CPU process (a world of one) and on many GPUs; HSDP (replicate across groups,
+shard inside each) comes from a 2-D device mesh when dp_replicate > 1.
+
+Both wrappers are composable (they hook the module in place), so parameter names never
+change: checkpoints, HF export and optimizer groups see the plain model's names.
 """
 
 from __future__ import annotations
@@ -12,8 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from .distributed import DistInfo
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .dtypes import DTYPES
 
 
 def build_mesh(info: DistInfo, dp_replicate: int) -> DeviceMesh:
@@ -24,6 +29,31 @@ def build_mesh(info: DistInfo, dp_replicate: int) -> DeviceMesh:
         raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide world size {info.world_size}")
     return init_device_mesh(device_type, (dp_replicate, info.world_size // dp_replicate),
                             mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them
+    (non-reentrant; the RNG state is replayed, so dropout inside a layer would match)."""
+    from torch.distributed._composable import checkpoint
+
+    for layer in model.layers:
+        checkpoint(layer)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each decoder layer in place, with dynamic shapes (packed lengths vary)."""
+    for layer in model.layers:
+        layer.compile(dynamic=True)
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, *, activation_checkpointing: bool = False,
+                compile: bool = False, **fsdp) -> nn.Module:
+    """activation checkpointing -> compile -> fully_shard (``fsdp``: shard_model's options)."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    return shard_model(model, mesh, **fsdp)
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str = "float32",

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -22,24 +22,24 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import flops as flops_lib
-from .checkpoint import Checkpointer, step_dir_name
+from .build import architecture_record, build_model
+from .checkpoint import Checkpointer, Stateful, step_dir_name
 from .config import to_container
-from .data.collate import Step, make_step_loader
+from .data.collate import PackedBatch, Step, VarlenCollator, make_step_loader
 from .data.sampler import TokenBudgetSampler
-from .datasets import load_split
+from .datasets import has_split, load_split, resolve_task
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, destroy_distributed, init_distributed
+from .errors import CheckpointError
 from .evaluate import evaluate
 from .metrics import LossBuffer
-from .model import Gemma2Classifier, ModelArgs
+from .model import ModelArgs
 from .optim import build_optimizer, build_scheduler_from_cfg
-from .parallel import DTYPES, build_mesh, shard_model
+from .parallel import build_mesh
 from .runtime import (DONE_MARKER, PREEMPTED_MARKER, STOP_FILE, PreemptionWatcher, resolve_run_dir,
                       seed_everything, setup_logging)
 from .tracking import MetricsLogger, progress
 
 log = logging.getLogger(__name__)
-
-ARCH_FIELDS = [f for f in ModelArgs.__dataclass_fields__]
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,73 +55,24 @@ class TrainResult:
     preempted: bool = False
 
 
-def model_args_from_config(mcfg: DictConfig) -> ModelArgs:
-    values = {k: v for k, v in OmegaConf.to_container(mcfg, resolve=True).items() if k in ARCH_FIELDS}
-    return ModelArgs(**values)
+@dataclass
+class TrainProgress:
+    """Optimizer steps taken and what they consumed (checkpointed: Stateful)."""
 
+    step: int = 0
+    tokens_seen: int = 0
+    rows_seen: int = 0
 
-def _pretrained_overrides(mcfg: DictConfig) -> dict[str, Any]:
-    overrides = dict(head=mcfg.head, head_dropout=mcfg.head_dropout, attn_impl=mcfg.attn_impl,
-                     rope_impl=mcfg.rope_impl, last_layer_pooled_only=mcfg.last_layer_pooled_only,
-                     activation_checkpointing=mcfg.activation_checkpointing, num_labels=mcfg.num_labels)
-    if mcfg.query_pre_attn_scalar is not None:  # the 9B release changed 224 -> 256
-        overrides["query_pre_attn_scalar"] = mcfg.query_pre_attn_scalar
-    return overrides
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "rows_seen": self.rows_seen}
 
-
-def _pretrained_dir(mcfg: DictConfig) -> Path:
-    path = Path(mcfg.name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.name_or_path={path}: no config.json there (a transformers Gemma 2 "
-                                "directory is expected; set model.name_or_path=null to train from scratch)")
-    return path
-
-
-def build_model(mcfg: DictConfig) -> Gemma2Classifier:
-    """Full model on this process: from scratch (the same seed on every rank gives identical
-    weights) or read tensor by tensor from a transformers Gemma 2 directory."""
-    if mcfg.name_or_path:
-        overrides = _pretrained_overrides(mcfg)
-        head = overrides.pop("head")
-        model = Gemma2Classifier.from_pretrained(_pretrained_dir(mcfg), head=head, dtype=DTYPES[mcfg.dtype],
-                                                 **overrides)
-        return model.train()
-    return Gemma2Classifier(model_args_from_config(mcfg)).to(DTYPES[mcfg.dtype])
-
-
-def build_sharded_model(mcfg: DictConfig, pcfg: DictConfig, info: DistInfo, mesh) -> Gemma2Classifier:
-    """FSDP2-sharded model. Pretrained weights are read once, by rank 0, and streamed to the
-    other ranks' shards (they build on the meta device), so a node does not hold one full
-    copy of the checkpoint per GPU in host memory."""
-    shard = dict(param_dtype=pcfg.param_dtype, reduce_dtype=pcfg.reduce_dtype,
-                 reshard_after_forward=pcfg.reshard_after_forward, cpu_offload=pcfg.cpu_offload)
-    if not mcfg.name_or_path or info.world_size == 1:
-        return shard_model(build_model(mcfg).to(info.device), mesh, **shard)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    full_state: dict[str, torch.Tensor] = {}
-    if info.is_main:
-        model = build_model(mcfg)
-        full_state = {k: v.detach() for k, v in model.state_dict().items()}
-        model = model.to(info.device)
-    else:
-        args = ModelArgs.from_hf_config(_pretrained_dir(mcfg), **_pretrained_overrides(mcfg))
-        with torch.device("meta"):
-            model = Gemma2Classifier(args).to(DTYPES[mcfg.dtype])
-    model = shard_model(model, mesh, **shard)
-    if not info.is_main:
-        model.to_empty(device=info.device)
-    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model.train()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step, self.tokens_seen, self.rows_seen = (int(state[k]) for k in ("step", "tokens_seen", "rows_seen"))
 
 
 def _soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row cross entropy against (possibly soft) label distributions, in fp32."""
     return -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-
-
-def _to_device(mb: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
 
 
 def _grad_norm_and_clip(model: torch.nn.Module, max_norm: float | None) -> float:
@@ -133,9 +84,20 @@ def _grad_norm_and_clip(model: torch.nn.Module, max_norm: float | None) -> float
 
 
 class Trainer:
+    """Sets up a run from a config (process group, run directory, data, model, optimizer,
+    resume) and trains it with ``fit()``. ``close()`` releases what it holds (async save,
+    wandb run); ``run()`` below does both and tears the process group down."""
+
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        tcfg = cfg.trainer
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def _setup(self, cfg: DictConfig) -> None:
+        tcfg, dcfg = cfg.trainer, cfg.data
         if tcfg.num_threads:
             torch.set_num_threads(int(tcfg.num_threads))
         self.info: DistInfo = init_distributed(tcfg.device, cfg.parallel.backend)
@@ -152,9 +114,11 @@ class Trainer:
         self.watcher = PreemptionWatcher(self.run_dir, self.info)
         seed_everything(tcfg.seed)
 
-        dcfg = cfg.data
-        self.train_ds = load_split(dcfg, "train", self.info)
-        self.eval_ds = load_split(dcfg, "eval", self.info) if dcfg.eval_path else None
+        self.task = resolve_task(dcfg, self.info)
+        log.info("task: %s", self.task.describe())
+        self.train_ds = load_split(dcfg, self.task, "train", self.info, seed=tcfg.seed)
+        self.eval_ds = load_split(dcfg, self.task, "eval", self.info, seed=tcfg.seed) \
+            if has_split(dcfg, "eval") else None
         self.sampler = TokenBudgetSampler(
             self.train_ds.lengths, global_batch_rows=dcfg.global_batch_rows, max_tokens=dcfg.max_tokens,
             world_size=self.info.world_size, rank=self.info.rank, seed=tcfg.seed, shuffle=dcfg.shuffle)
@@ -167,61 +131,65 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)  # identical init on every rank, whatever happened above
         self.mesh = build_mesh(self.info, cfg.parallel.dp_replicate)
-        self.model = build_sharded_model(cfg.model, cfg.parallel, self.info, self.mesh)
-        self.model_args: ModelArgs = self.model.args
+        self.model, self.model_args = build_model(cfg, self.task, self.info, self.mesh)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler_from_cfg(self.optimizer, cfg.optim, self.total_steps)
         # Dropout streams differ per rank; restored exactly from checkpoints on resume.
         torch.manual_seed(tcfg.seed * 1_000_003 + self.info.rank + 1)
 
-        self.step = 0
-        self.tokens_seen = 0
-        self.rows_seen = 0
+        self.progress = TrainProgress()
         self.loss_buffer = LossBuffer(tcfg.loss_buffer_size)
-        self.wandb_run_id: str | None = None
+        # Started after a resume has restored its run id: the job continues the same wandb run.
+        self.logger = MetricsLogger(self.run_dir, rank=self.info.rank, wandb_cfg=cfg.logging.wandb,
+                                    run_config=to_container(cfg), start=False)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", rank=self.info.rank,
                                          keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
                                          device=self.info.device)
         self.resumed_from = self.checkpointer.resolve(tcfg.resume)
         if self.resumed_from is not None:
             self._load(self.resumed_from)
-        self.logger = MetricsLogger(self.run_dir, rank=self.info.rank, wandb_cfg=cfg.logging.wandb,
-                                    run_config=to_container(cfg), resume_run_id=self.wandb_run_id)
-        self.wandb_run_id = self.logger.run_id
+        self.logger.start()
         peak = tcfg.peak_flops_per_device
         self.peak_flops = flops_lib.peak_flops(flops_lib.detect_peak_key(self.info.device), peak)
 
     # ---- state --------------------------------------------------------------------------
-    def _trainer_state(self) -> dict[str, Any]:
-        lb = self.loss_buffer.state_dict()
-        return {
-            "step": self.step, "tokens_seen": self.tokens_seen, "rows_seen": self.rows_seen,
-            "seed": self.cfg.trainer.seed, "world_size": self.info.world_size,
-            "sampler": self.sampler.state_dict(),
-            "loss_buffer": {"size": lb["size"], "values": lb["values"].tolist(), "weights": lb["weights"].tolist()},
-            "scheduler": self.scheduler.state_dict(),
-            "wandb_run_id": self.wandb_run_id,
-            "config": to_container(self.cfg),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def states(self) -> dict[str, Stateful]:
+        """Every piece of non-tensor training state, as the checkpoint holds it."""
+        return {"progress": self.progress, "sampler": self.sampler, "loss_buffer": self.loss_buffer,
+                "scheduler": self.scheduler, "logger": self.logger}
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"seed": self.cfg.trainer.seed, "world_size": self.info.world_size, "config": to_container(self.cfg),
+                "model": architecture_record(self.model_args, self.cfg.model), "task": self.task.record()}
 
     def _load(self, path: Path) -> None:
-        state = self.checkpointer.load(path, self.model, self.optimizer)
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.rows_seen = int(state.get("rows_seen", 0))
-        self.sampler.load_state_dict(state["sampler"])
-        self.loss_buffer.load_state_dict(state["loss_buffer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.wandb_run_id = state.get("wandb_run_id")
+        state = self.checkpointer.load(path, self.model, self.optimizer, self.states)
+        _refuse_other_run(path, state, self._metadata())
         log.info("resumed from %s at step %d (saved with world size %d, now %d)", path, self.step,
                  state.get("world_size", -1), self.info.world_size)
 
     def save_checkpoint(self) -> Path | None:
         if not self.cfg.checkpoint.enabled:
             return None
-        self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state())
+        self.checkpointer.save(self.step, self.model, self.optimizer, self.states, self._metadata())
         return self.checkpointer.root / step_dir_name(self.step)
+
+    def close(self, failed: bool = False) -> None:
+        """Commit (or, after a failure, abandon) an in-flight async save and finish the wandb
+        run; idempotent, and safe on a partly set-up trainer."""
+        checkpointer = getattr(self, "checkpointer", None)
+        logger = getattr(self, "logger", None)
+        try:
+            if checkpointer is not None:
+                checkpointer.close(failed=failed)
+        finally:
+            if logger is not None:
+                logger.finish(exit_code=1 if failed else 0)
 
     # ---- steps --------------------------------------------------------------------------
     def _steps(self) -> Iterator[Step]:
@@ -229,11 +197,11 @@ class Trainer:
         saved position (the sampler moves past a Step when it is handed out)."""
         if self.step >= self.total_steps:
             return iter(())
-        loader = make_step_loader(self.train_ds, self.sampler, num_workers=self.cfg.data.loader_workers,
-                                  max_epochs=self.cfg.trainer.epochs)
+        loader = make_step_loader(self.train_ds, self.sampler, VarlenCollator(self.task.num_classes),
+                                  num_workers=self.cfg.data.loader_workers, max_epochs=self.cfg.trainer.epochs)
         return _rng_untouched(loader)
 
-    def train_step(self, micro_batches: list[dict[str, Any]], rows_in_step: int) -> dict[str, float]:
+    def train_step(self, micro_batches: list[PackedBatch], rows_in_step: int) -> dict[str, float]:
         model, dev, world = self.model, self.info.device, self.info.world_size
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -241,16 +209,15 @@ class Trainer:
         bad_rows: list[Any] = []
         seq_lens: list[int] = []
         for mb in micro_batches:
-            batch = _to_device(mb, dev)
-            logits = model(**batch)
-            per_row = _soft_cross_entropy(logits, batch["label"]) * batch["weight"]
+            batch = mb.to(dev, non_blocking=True)
+            logits = model(**batch.inputs)
+            per_row = _soft_cross_entropy(logits, batch.labels) * batch.weights
             (per_row.sum() * (world / rows_in_step)).backward()
             loss_sum += per_row.detach().double().sum()
             if not torch.isfinite(per_row).all():
-                bad_rows += [rid for rid, v in zip(mb["row_ids"], per_row.tolist()) if not math.isfinite(v)]
-            real = batch["weight"] > 0
-            rows += int(real.sum())
-            lens = [n for n, w in zip(mb["seq_lens"], mb["weight"].tolist()) if w > 0]
+                bad_rows += [rid for rid, v in zip(mb.row_ids, per_row.tolist()) if not math.isfinite(v)]
+            lens = [n for n, w in zip(mb.seq_lens, mb.weights.tolist()) if w > 0]  # host copies: no sync
+            rows += len(lens)
             tokens += sum(lens)
             seq_lens += lens
         grad_norm = _grad_norm_and_clip(model, self.cfg.optim.grad_clip)
@@ -290,9 +257,9 @@ class Trainer:
             data_wait = t_start - t_wait0
             epoch = batch.epoch
             out = self.train_step(batch.micro_batches, batch.num_rows)
-            self.step += 1
-            self.tokens_seen += int(out["tokens"])
-            self.rows_seen += int(out["rows"])
+            self.progress.step += 1
+            self.progress.tokens_seen += int(out["tokens"])
+            self.progress.rows_seen += int(out["rows"])
             self.loss_buffer.push(out["loss"])
             step_time = time.perf_counter() - t_start + data_wait
             if self.step % tcfg.log_every == 0 or self.step == self.total_steps:
@@ -304,7 +271,7 @@ class Trainer:
                     "mfu": flops_lib.mfu(out["flops"] / step_time / n_dev, self.peak_flops),
                     "step_time": step_time, "data_wait_frac": data_wait / step_time,
                     "peak_mem_gb": _peak_memory_gb(self.info.device), "epoch": epoch,
-                    "tokens_seen": self.tokens_seen, "rows_seen": self.rows_seen,
+                    "tokens_seen": self.progress.tokens_seen, "rows_seen": self.progress.rows_seen,
                 }
                 self.logger.log({k: v for k, v in row.items() if v is not None}, step=self.step)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -346,13 +313,13 @@ class Trainer:
         out_path = None
         if self.cfg.trainer.write_eval_predictions:
             out_path = self.run_dir / "eval" / f"predictions-step-{self.step:08d}.csv"
-        metrics = evaluate(self.model, self.eval_ds, self.info,
+        metrics = evaluate(self.model, self.eval_ds, self.info, self.task,
                            max_tokens=self.cfg.data.eval_max_tokens or self.cfg.data.max_tokens,
                            predictions_path=out_path)
         if self.info.is_main:
             scalars = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
             self.logger.log_eval(scalars, step=self.step)
-            self.logger.log_confusion_matrix(metrics["confusion_matrix"], ["a", "b", "tie"], step=self.step)
+            self.logger.log_confusion_matrix(metrics["confusion_matrix"], self.task.class_names, step=self.step)
             log.info("eval step %d: log_loss %.4f accuracy %.4f macro_f1 %.4f (n=%d)", self.step,
                      metrics["log_loss"], metrics["accuracy"], metrics["macro_f1"], metrics["n"])
         return metrics
@@ -389,16 +356,42 @@ def _peak_memory_gb(device: torch.device) -> float:
         return float("nan")
 
 
+def _refuse_other_run(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """A checkpoint resumes only the run that wrote it: same task (classes) and architecture."""
+    for key, what in (("task", "task"), ("model", "model")):
+        if key not in saved:  # written before these were recorded
+            continue
+        a, b = saved[key], now[key]
+        if key == "model":
+            a, b = a["architecture"], b["architecture"]
+        if a != b:
+            diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+            raise CheckpointError(f"{path} was trained with another {what}: (checkpoint, this run) {diff}; "
+                                  "use a new trainer.run_dir, or trainer.resume=never to start over")
+
+
 def run(cfg: DictConfig) -> TrainResult:
-    trainer = Trainer(cfg)
-    result = trainer.fit()
-    if trainer.info.is_main:
-        summary = {"run_dir": str(result.run_dir), "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-                   "steps": result.steps, "preempted": result.preempted,
-                   **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
-        (result.run_dir / "result.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
-    destroy_distributed()
-    return result
+    """Train ``cfg`` to the end (or a stop request); the process group, an in-flight async
+    save and the wandb run are closed whatever happens."""
+    trainer: Trainer | None = None
+    ok = False
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+        if trainer.info.is_main:
+            summary = {"run_dir": str(result.run_dir),
+                       "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                       "steps": result.steps, "preempted": result.preempted,
+                       **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
+            (result.run_dir / "result.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+        ok = True
+        return result
+    finally:
+        try:
+            if trainer is not None:
+                trainer.close(failed=not ok)
+        finally:
+            destroy_distributed(graceful=ok)
 
 
 def _jsonable(o: Any) -> Any:

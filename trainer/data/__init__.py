@@ -1,15 +1,12 @@
-"""Data pipeline: ingest -> judge prompt -> cached tokenization -> token-budget sampler -> varlen batches.
+"""Task-agnostic data pipeline: file readers and the bad-row policy -> cached tokenization with the
+task's renderer -> token-budget sampler -> varlen (packed) micro-batches.
 
+ingest.py    CSV / parquet / JSONL records, binary-file checks, the bad-row policy
+render.py    tokenizer loading and fingerprint, budget truncation helpers
+tokenize.py  TokenizedDataset and its content-hash cache
+sampler.py   TokenBudgetSampler: per-step rows -> equal micro-batch counts per rank
+collate.py   VarlenCollator -> PackedBatch (model inputs apart from bookkeeping), step loader
+
+What a dataset means (schema, labels, prompt, augmentation) lives in trainer/tasks.
 Uses the Gemma 2 tokenizer, subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms).
 """
-from trainer.data.ingest import ArenaRow, DataError, IngestReport, read_rows
-from trainer.data.prompt import PromptBuilder, load_tokenizer
-from trainer.data.sampler import MicroBatch, TokenBudgetSampler
-from trainer.data.tokenize import TokenizedDataset, load_tokenized
-from trainer.data.prepare import load_split, prepare_from_config
-from trainer.data.collate import Item, Step, TokenizedTorchDataset, VarlenCollator, make_step_loader
-
-__all__ = ["ArenaRow", "DataError", "IngestReport", "read_rows", "PromptBuilder", "load_tokenizer",
-           "MicroBatch", "TokenBudgetSampler", "TokenizedDataset", "load_tokenized", "load_split",
-           "prepare_from_config", "Item", "Step", "TokenizedTorchDataset", "VarlenCollator",
-           "make_step_loader"]

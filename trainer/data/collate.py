@@ -5,7 +5,7 @@ restarting at 0 per sequence, cu_seqlens marking the boundaries (flash-attn varl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -24,14 +24,48 @@ class Item(NamedTuple):
     weight: float
 
 
-class VarlenCollator:
-    """list[Item] -> dict of packed tensors (see docs/data.md for the exact layout)."""
+@dataclass
+class PackedBatch:
+    """One packed micro-batch: what the model takes, apart from what the loss and the logs need.
 
-    def __init__(self, num_labels: int = 3, decode=None):
+    ``inputs`` are exactly the model's keyword arguments (``model(**batch.inputs)``):
+    input_ids / position_ids [1, T] int64, cu_seqlens [B+1] int32 and max_seq_len (a host int,
+    so the forward needs no device sync to learn it).
+    """
+    inputs: dict[str, Any]
+    labels: torch.Tensor  # [B, num_labels] float32 distributions; zeros for unlabelled rows
+    weights: torch.Tensor  # [B] float32: 1.0 real row, 0.0 padding row (never counted in the loss)
+    row_ids: list  # dataset row ids, for error messages and per-row predictions
+    seq_lens: list[int]  # host copy of the lengths: token counts and FLOPs without a device sync
+    text: list[str] | None = None  # decoded rows (debugging only)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        def move(v):
+            return v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+
+        return replace(self, inputs={k: move(v) for k, v in self.inputs.items()}, labels=move(self.labels),
+                       weights=move(self.weights))
+
+    def pin_memory(self) -> "PackedBatch":  # called by DataLoader(pin_memory=True)
+        def pin(v):
+            return v.pin_memory() if isinstance(v, torch.Tensor) else v
+
+        return replace(self, inputs={k: pin(v) for k, v in self.inputs.items()}, labels=pin(self.labels),
+                       weights=pin(self.weights))
+
+
+class VarlenCollator:
+    """list[Item] -> PackedBatch (see docs/data.md for the exact layout)."""
+
+    def __init__(self, num_labels: int, decode=None):
         self.num_labels = num_labels
         self.decode = decode  # optional callable ids -> str: adds "text" (debugging only)
 
-    def __call__(self, items: Sequence[Item]) -> dict:
+    def __call__(self, items: Sequence[Item]) -> PackedBatch:
         if not items:
             raise ValueError("empty micro-batch")  # the sampler pads, so this is a bug upstream
         seq_lens = [len(it.input_ids) for it in items]
@@ -43,20 +77,15 @@ class VarlenCollator:
         for b, it in enumerate(items):
             if it.label is not None:
                 label[b] = torch.as_tensor(it.label, dtype=torch.float32)
-        batch = {
-            "input_ids": ids.unsqueeze(0),
-            "position_ids": pos.unsqueeze(0),
-            "seq_lens": seq_lens,
-            "cu_seqlens": cu,
-            "max_seq_len": max(seq_lens),
-            "label": label,
-            "weight": torch.tensor([float(it.weight) for it in items], dtype=torch.float32),
-            "batch_size": len(items),
-            "row_ids": [it.row_id.item() if hasattr(it.row_id, "item") else it.row_id for it in items],
-        }
-        if self.decode is not None:
-            batch["text"] = [self.decode(it.input_ids) for it in items]
-        return batch
+        return PackedBatch(
+            inputs={"input_ids": ids.unsqueeze(0), "position_ids": pos.unsqueeze(0), "cu_seqlens": cu,
+                    "max_seq_len": max(seq_lens)},
+            labels=label,
+            weights=torch.tensor([float(it.weight) for it in items], dtype=torch.float32),
+            row_ids=[it.row_id.item() if hasattr(it.row_id, "item") else it.row_id for it in items],
+            seq_lens=seq_lens,
+            text=[self.decode(it.input_ids) for it in items] if self.decode is not None else None,
+        )
 
 
 class TokenizedTorchDataset(Dataset):
@@ -113,15 +142,12 @@ class _KeyBatchSampler:
 
 
 class _TaggedCollate:
-    def __init__(self, collator):
+    # (batch, the step tag of its first key): the tag never enters the batch itself.
+    def __init__(self, collator: VarlenCollator):
         self.collator = collator
 
-    def __call__(self, pairs):
-        batch = self.collator([it for it, _ in pairs])
-        k = pairs[0][1]
-        batch.update(epoch=k.epoch, step=k.step, micro_idx=k.micro, n_micro=k.n_micro,
-                     step_num_rows=k.step_num_rows)
-        return batch
+    def __call__(self, pairs) -> tuple[PackedBatch, _Key]:
+        return self.collator([it for it, _ in pairs]), pairs[0][1]
 
 
 @dataclass
@@ -129,11 +155,11 @@ class Step:
     epoch: int
     step: int
     num_rows: int  # real rows in the global step across ranks: divide the summed loss by this
-    micro_batches: list[dict]  # this rank's collated micro-batches (fewer if resumed mid-step)
+    micro_batches: list[PackedBatch]  # this rank's micro-batches (fewer if resumed mid-step)
 
 
 def make_step_loader(dataset: TokenizedDataset | Dataset, sampler: TokenBudgetSampler,
-                     collator: VarlenCollator | None = None, num_workers: int = 0,
+                     collator: VarlenCollator, num_workers: int = 0,
                      max_epochs: int | None = None, prefetch_factor: int = 4,
                      pin_memory: bool = False) -> Iterator[Step]:
     """Yield one Step per optimizer step, from the sampler's position up to max_epochs.
@@ -146,15 +172,15 @@ def make_step_loader(dataset: TokenizedDataset | Dataset, sampler: TokenBudgetSa
     if isinstance(dataset, TokenizedDataset):
         dataset = TokenizedTorchDataset(dataset)
     loader = DataLoader(_KeyedDataset(dataset), batch_sampler=_KeyBatchSampler(sampler, max_epochs),
-                        collate_fn=_TaggedCollate(collator or VarlenCollator()),
+                        collate_fn=_TaggedCollate(collator),
                         num_workers=num_workers, pin_memory=pin_memory,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None)
     current: Step | None = None
-    for batch in loader:
+    for batch, key in loader:
         if current is None:
-            current = Step(batch["epoch"], batch["step"], batch["step_num_rows"], [])
+            current = Step(key.epoch, key.step, key.step_num_rows, [])
         current.micro_batches.append(batch)
-        if batch["micro_idx"] == batch["n_micro"] - 1:  # the step is complete
+        if key.micro == key.n_micro - 1:  # the step is complete
             sampler.set_position(current.epoch, current.step + 1)
             yield current
             current = None

@@ -1,50 +1,35 @@
-"""Load Arena preference files (CSV / parquet / JSONL, Kaggle schema) into validated rows.
+"""Read tabular data files (CSV / parquet / JSONL) into records, and apply the bad-row policy.
 
-All validation happens here, at load time, so nothing can fail later in the middle of an
-epoch. Each bad row is either fatal (``on_bad_row="error"``, the default) or dropped and
+Task-agnostic: a task (``trainer/tasks``) checks the header and turns each raw record into a
+validated row. All validation happens at load time, so nothing can fail later in the middle of
+an epoch. Each bad row is either fatal (``on_bad_row="error"``, the default) or dropped and
 counted (``on_bad_row="skip"``). See docs/data.md for the policy table.
+
+File-level problems always raise :class:`DataError` naming the file: a missing file, an unknown
+extension, a binary file or a header that is not UTF-8 text, a missing column, a file without
+data rows, a file whose every row was skipped.
 """
 from __future__ import annotations
 
 import csv
 import json
 import logging
-import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
+from trainer.errors import DataError, quote
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELDS = ("prompt", "response_a", "response_b")
-LABEL_FIELDS = ("winner_model_a", "winner_model_b", "winner_tie")
-REQUIRED = ("id",) + TEXT_FIELDS
 BAD_ROW_POLICIES = ("error", "skip")
+SUFFIXES = (".csv", ".jsonl", ".parquet")
+_SNIFF_BYTES = 1 << 16
 
-
-class DataError(ValueError):
-    """A data file (or a row of it) that cannot be used. The message names file, row and field."""
-
-
-@dataclass
-class ArenaRow:
-    id: int | str
-    prompt: list[str]
-    response_a: list[str]
-    response_b: list[str]
-    label: np.ndarray | None  # float32 [3]: P(A wins), P(B wins), P(tie); None for test files
-    model_a: str = ""
-    model_b: str = ""
-
-    def swapped(self) -> "ArenaRow":
-        """The same comparison with A and B exchanged (labels follow the answers)."""
-        label = None if self.label is None else self.label[[1, 0, 2]].copy()
-        return ArenaRow(self.id, self.prompt, self.response_b, self.response_a, label,
-                        self.model_b, self.model_a)
+__all__ = ["BAD_ROW_POLICIES", "BadRow", "DataError", "IngestReport", "RowPolicy", "collect_rows",
+           "has_surrogate", "fix_surrogates", "open_records", "parse_id"]
 
 
 @dataclass
@@ -79,7 +64,7 @@ class IngestReport:
 
 
 class BadRow(Exception):
-    """Internal: one row failed one check. ``reason`` is the counter key, ``field`` the column."""
+    """One row failed one check. ``reason`` is the counter key, ``field`` the column."""
 
     def __init__(self, reason: str, field: str, detail: str):
         super().__init__(detail)
@@ -96,14 +81,31 @@ class RowPolicy:
 
     def bad(self, err: BadRow, row_id: Any, where: str) -> None:
         if self.on_bad_row == "error":
-            raise DataError(f"{self.path}: {where}, id {row_id!r}, field {err.field!r}: "
-                            f"{err.reason}: {err.detail}")
+            raise DataError(f"{self.path}: {where}, id {quote(row_id, 60)}, field {err.field!r}: "
+                            f"{err.reason}: {err.detail} (set data.on_bad_row=skip to drop such rows)")
         self.report.add_skip(err.reason, row_id)
 
 
-# ---------------------------------------------------------------- raw readers
-# Each yields (location string, raw dict, raw id) per record. Raw text values are str
-# (JSON-encoded lists) or already-decoded lists (parquet/JSONL may hold real lists).
+# ---------------------------------------------------------------- files -> raw records
+# Each reader returns (header, iterator of (location string, raw dict)). Raw values are str for
+# CSV; parquet/JSONL may hold real lists, numbers and nulls.
+
+def _sniff_text(path: Path) -> None:
+    """Refuse binary files before a reader turns their bytes into a giant garbled header."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{path}: not a text file (NUL byte at offset {nul}); expected a UTF-8 "
+                        f"{path.suffix.lstrip('.').upper()} file")
+    first_line = head.split(b"\n", 1)[0]
+    try:
+        first_line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(first_line) < len(head) or e.start < len(first_line) - 4:  # not a character cut by the sniff
+            raise DataError(f"{path}: the first line is not UTF-8 text (byte 0x{first_line[e.start]:02x} at offset "
+                            f"{e.start}); save the file as UTF-8") from None
+
 
 def _read_csv(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # Kaggle fields exceed the 128 KiB default
@@ -111,14 +113,28 @@ def _read_csv(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
     # reported (or skipped) instead of the whole file failing to decode.
     f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     reader = csv.reader(f)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        f.close()
+        raise DataError(f"{path}: the header line is not valid CSV: {e}") from None
     if header is None:
         f.close()
-        raise DataError(f"{path}: empty file (no header)")
+        raise DataError(f"{path}: empty file (no header line)")
 
     def rows():
         with f:
-            for i, rec in enumerate(reader, start=1):
+            i = 0
+            while True:
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:  # e.g. a NUL byte or an unterminated quote mid-file
+                    i += 1
+                    yield f"row {i} (line {reader.line_num})", {"__bad__": f"not valid CSV: {e}", "id": ""}
+                    continue
+                i += 1
                 if len(rec) != len(header):
                     yield (f"row {i} (line {reader.line_num})",
                            {"__bad__": f"{len(rec)} fields, header has {len(header)}",
@@ -144,19 +160,29 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
             if not isinstance(rec, dict):
                 raise ValueError("not an object")
             if not valid:  # name the fields that hold the undecodable bytes
-                rec["__non_utf8__"] = [k for k, v in rec.items() if _has_surrogate(json.dumps(v, ensure_ascii=False))]
+                rec["__non_utf8__"] = [k for k, v in rec.items() if has_surrogate(json.dumps(v, ensure_ascii=False))]
         except ValueError as e:
             rec = {"__bad__": f"invalid JSON line: {e}", "id": ""}
         records.append((f"row {len(records) + 1} (line {n})", rec))
     header = list(records[0][1].keys()) if records else []
+    if records and "__bad__" in records[0][1]:
+        raise DataError(f"{path}: the first line is not a JSON object ({records[0][1]['__bad__']}); "
+                        "expected one JSON object per line")
     # Columns are defined by the first record; a later record missing a key is a bad row.
     return header, iter(records)
 
 
 def _read_parquet(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"PAR1":
+            raise DataError(f"{path}: not a parquet file (no PAR1 magic bytes at the start)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: unreadable parquet file: {quote(str(e))}") from None
     header = table.column_names
     return header, ((f"row {i}", r) for i, r in enumerate(table.to_pylist(), start=1))
 
@@ -164,21 +190,36 @@ def _read_parquet(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
 READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
 
 
-# ---------------------------------------------------------------- field parsing
+def open_records(path: str | Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    """(header, (location, raw record) per data row) of a CSV / JSONL / parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected one of {', '.join(SUFFIXES)})")
+    if reader is not _read_parquet:
+        _sniff_text(path)
+    return reader(path)
 
-def _has_surrogate(s: str) -> bool:
+
+# ---------------------------------------------------------------- field helpers
+
+def has_surrogate(s: str) -> bool:
     return any("\ud800" <= c <= "\udfff" for c in s)
 
 
-def _fix_surrogates(s: str) -> str:
+def fix_surrogates(s: str) -> str:
     # JSON escapes may hold a lone UTF-16 surrogate (seen in Kaggle data): pair what pairs,
     # replace the rest with U+FFFD so the text is valid UTF-8 for the tokenizer.
-    if not _has_surrogate(s):
+    if not has_surrogate(s):
         return s
     return s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _parse_id(raw: Any) -> int | str:
+def parse_id(raw: Any) -> int | str:
+    import numpy as np
+
     if isinstance(raw, bool) or raw is None:
         raise BadRow("bad_id", "id", f"id is {raw!r}")
     if isinstance(raw, (int, np.integer)):
@@ -188,7 +229,7 @@ def _parse_id(raw: Any) -> int | str:
     s = str(raw).strip()
     if not s:
         raise BadRow("bad_id", "id", "empty id")
-    if _has_surrogate(s):
+    if has_surrogate(s):
         raise BadRow("non_utf8", "id", "id holds bytes that are not UTF-8")
     try:
         return int(s)
@@ -196,108 +237,44 @@ def _parse_id(raw: Any) -> int | str:
         return s
 
 
-def _parse_turns(name: str, raw: Any) -> list[str]:
-    if isinstance(raw, str):
-        if _has_surrogate(raw):  # only undecodable file bytes can put surrogates here
-            raise BadRow("non_utf8", name, "holds bytes that are not UTF-8")
-        try:
-            value = json.loads(raw)
-        except ValueError as e:
-            raise BadRow("bad_json", name, f"not valid JSON ({e}): {raw[:60]!r}") from None
-    else:
-        value = raw
-    if not isinstance(value, list):
-        raise BadRow("bad_json", name, f"expected a JSON list of turns, got {type(value).__name__}")
-    turns = []
-    for t in value:
-        if t is None:
-            turns.append("")  # null turns are real data (Kaggle): an empty text, not an error
-        elif isinstance(t, str):
-            turns.append(_fix_surrogates(t))
-        else:
-            raise BadRow("bad_json", name, f"turn is {type(t).__name__}, expected string or null")
-    return turns
-
-
-def _parse_label(rec: dict) -> np.ndarray:
-    vals = []
-    for name in LABEL_FIELDS:
-        raw = rec.get(name)
-        try:
-            v = float(raw)
-        except (TypeError, ValueError):
-            raise BadRow("bad_label", name, f"not a number: {raw!r}") from None
-        if not math.isfinite(v) or v < 0:
-            raise BadRow("bad_label", name, f"value {v} is not a probability")
-        vals.append(v)
-    if abs(sum(vals) - 1.0) > 1e-3:
-        raise BadRow("bad_label", ",".join(LABEL_FIELDS), f"labels {vals} do not sum to 1")
-    return np.asarray(vals, dtype=np.float32)
-
-
-def parse_record(rec: dict, has_labels: bool) -> ArenaRow:
+def check_record(rec: dict) -> None:
+    """Record-level problems found by the readers (bad framing, undecodable bytes)."""
     if "__bad__" in rec:
         raise BadRow("bad_record", "*", rec["__bad__"])
     if rec.get("__non_utf8__"):
         raise BadRow("non_utf8", ",".join(rec["__non_utf8__"]), "holds bytes that are not UTF-8")
-    for name in REQUIRED:
-        if name not in rec:
-            raise BadRow("missing_field", name, "field absent in this record")
-    row_id = _parse_id(rec["id"])
-    texts = {name: _parse_turns(name, rec[name]) for name in TEXT_FIELDS}
-    n = {k: len(v) for k, v in texts.items()}
-    if n["prompt"] == 0:
-        raise BadRow("no_turns", "prompt", "conversation has no turns")
-    if not n["prompt"] == n["response_a"] == n["response_b"]:
-        raise BadRow("turn_mismatch", "response_a,response_b",
-                     f"turn counts differ: {n}")
-    models = []
-    for name in ("model_a", "model_b"):
-        m = rec.get(name) or ""
-        m = str(m)
-        if _has_surrogate(m):
-            raise BadRow("non_utf8", name, "holds bytes that are not UTF-8")
-        models.append(m)
-    label = _parse_label(rec) if has_labels else None
-    return ArenaRow(row_id, texts["prompt"], texts["response_a"], texts["response_b"], label,
-                    *models)
 
 
-def read_rows(path: str | Path, on_bad_row: str = "error") -> tuple[list[ArenaRow], IngestReport]:
-    """Read and validate one file. Returns the kept rows (file order) and the ingest report.
-
-    File-level problems (unknown extension, missing required column, only some label
-    columns) always raise DataError; row-level problems follow ``on_bad_row``.
-    """
-    path = Path(path)
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r} (csv, parquet, jsonl)")
-    header, records = reader(path)
-    missing = [c for c in REQUIRED if c not in header]
+def require_columns(path: Path, header: list[str], required: Iterable[str], what: str = "") -> None:
+    missing = [c for c in required if c not in header]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; header is {header}")
-    present = [c for c in LABEL_FIELDS if c in header]
-    if present and len(present) != len(LABEL_FIELDS):
-        raise DataError(f"{path}: label columns incomplete: has {present}, needs {list(LABEL_FIELDS)}")
-    has_labels = bool(present)
+        raise DataError(f"{path}: missing column(s) {missing}{what}; the file's columns are {quote(header)}")
 
+
+def collect_rows(path: str | Path, records: Iterable[tuple[str, dict]], parse: Callable[[dict], Any],
+                 on_bad_row: str, row_id: Callable[[dict], Any] = lambda rec: rec.get("id", "")
+                 ) -> tuple[list, IngestReport]:
+    """Parse every record with ``parse`` (raising BadRow), apply the bad-row policy, refuse
+    duplicate ids, and refuse a file that yields no usable row. Returns (rows, report)."""
     report = IngestReport(str(path))
     policy = RowPolicy(path, on_bad_row, report)
-    rows: list[ArenaRow] = []
+    rows: list = []
     seen: dict[Any, str] = {}
     for where, rec in records:
         report.rows_read += 1
-        raw_id = rec.get("id", "")
         try:
-            row = parse_record(rec, has_labels)
+            row = parse(rec)
             if row.id in seen:
                 raise BadRow("duplicate_id", "id", f"id already used at {seen[row.id]}")
         except BadRow as e:
-            policy.bad(e, raw_id, where)
+            policy.bad(e, row_id(rec), where)
             continue
         seen[row.id] = where
         rows.append(row)
     report.rows_kept = len(rows)
+    if report.rows_read == 0:
+        raise DataError(f"{path}: no data rows (the file has a header but nothing under it)")
+    if not rows:
+        raise DataError(f"{path}: none of its {report.rows_read} rows is usable (skipped: {dict(report.skipped)})")
     report.log_summary()
     return rows, report

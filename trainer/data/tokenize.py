@@ -1,9 +1,10 @@
-"""Tokenize a whole Arena file into a TokenizedDataset, with an on-disk cache.
+"""Tokenize a whole data file into a TokenizedDataset with the task's renderer, with an on-disk cache.
 
 Cache: one .npz (numpy arrays only, loaded with allow_pickle=False) per key, where the key is
-sha256(file bytes) + sha256(tokenizer files) + prompt settings (layout, max_length, template
-version/texts, swap, bad-row policy). Writes go to a temp file renamed into place, so a
-crashed or concurrent writer never leaves a half-written cache behind.
+sha256(file bytes) + sha256(tokenizer files) + the task's record (its schema and rendering
+settings: template, layout, class names) + max_length, augmentation and bad-row policy. Writes
+go to a temp file renamed into place, so a crashed or concurrent writer never leaves a
+half-written cache behind.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from typing import Sequence
 
 import numpy as np
 
-from trainer.data.ingest import ArenaRow, BadRow, DataError, IngestReport, RowPolicy, read_rows
-from trainer.data.prompt import LAYOUTS, PromptBuilder, load_tokenizer, template_key, tokenizer_fingerprint
+from trainer.data.ingest import BadRow, IngestReport, RowPolicy
+from trainer.data.render import load_tokenizer, tokenizer_fingerprint
+from trainer.tasks.base import Renderer, Row, Task
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 DEFAULT_CACHE_DIR = Path(os.environ.get("ARENA_DATA_CACHE", Path.home() / ".cache" / "arena-trainer"))
 
 
@@ -33,8 +35,8 @@ class TokenizedDataset:
     row_ids: np.ndarray  # [N] int64, or unicode when a file has non-integer ids
     input_ids: np.ndarray  # [total tokens] int32, rows back to back
     offsets: np.ndarray  # [N + 1] int64; row i is input_ids[offsets[i]:offsets[i+1]]
-    labels: np.ndarray | None  # [N, 3] float32; None for unlabelled (test) files
-    swapped: np.ndarray  # [N] bool: row rendered with A and B exchanged
+    labels: np.ndarray | None  # [N, num classes] float32; None for unlabelled (test) files
+    swapped: np.ndarray  # [N] bool: row rendered through the task's augmentation (Arena: A/B swapped)
     report: IngestReport | None = None
 
     def __len__(self) -> int:
@@ -49,6 +51,15 @@ class TokenizedDataset:
 
     def label(self, i: int) -> np.ndarray | None:
         return None if self.labels is None else self.labels[i]
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> "TokenizedDataset":
+        """The rows at ``indices``, in that order (the report stays the whole file's)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        parts = [self.tokens(int(i)) for i in indices]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
+        return TokenizedDataset(self.row_ids[indices], np.concatenate(parts) if parts else self.input_ids[:0],
+                                offsets, None if self.labels is None else self.labels[indices],
+                                self.swapped[indices], self.report)
 
     @staticmethod
     def concat(parts: Sequence["TokenizedDataset"]) -> "TokenizedDataset":
@@ -72,20 +83,19 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(path: str | Path, tokenizer_path: str | Path, max_length: int, prompt_layout: str,
-              swap_ab: bool, on_bad_row: str, template_key: str) -> str:
+def cache_key(path: str | Path, task: Task, tokenizer_path: str | Path, max_length: int,
+              swap_ab: bool, on_bad_row: str) -> str:
     parts = {"format": CACHE_FORMAT, "file": _file_sha256(Path(path)),
              "tokenizer": tokenizer_fingerprint(tokenizer_path), "max_length": int(max_length),
-             "layout": prompt_layout, "template": template_key, "swap": bool(swap_ab),
-             "on_bad_row": on_bad_row}
+             "task": task.record(), "swap": bool(swap_ab), "on_bad_row": on_bad_row}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 # ---------------------------------------------------------------- worker side
-_BUILDER: PromptBuilder | None = None
+_BUILDER: Renderer | None = None
 
 
-def _init_worker(builder: PromptBuilder) -> None:
+def _init_worker(builder: Renderer) -> None:
     global _BUILDER
     # Parallelism comes from the process pool; rayon threads inside each worker would only
     # oversubscribe the cores.
@@ -93,11 +103,11 @@ def _init_worker(builder: PromptBuilder) -> None:
     _BUILDER = builder
 
 
-def _build_chunk(rows: list[ArenaRow]) -> list[np.ndarray]:
+def _build_chunk(rows: list[Row]) -> list[np.ndarray]:
     return _BUILDER.build_many(rows)
 
 
-def _tokenize_rows(builder: PromptBuilder, rows: list[ArenaRow], num_workers: int,
+def _tokenize_rows(builder: Renderer, rows: list[Row], num_workers: int,
                    desc: str, chunk_rows: int = 128) -> list[np.ndarray]:
     from tqdm import tqdm
 
@@ -152,8 +162,8 @@ def _ids_array(ids: list) -> np.ndarray:
     return np.asarray([str(i) for i in ids], dtype=np.str_)
 
 
-def _filter_too_long(ds: TokenizedDataset, max_tokens: int | None, on_bad_row: str,
-                     path: str) -> TokenizedDataset:
+def _filter_too_long(ds: TokenizedDataset, max_tokens: int | None, on_bad_row: str, path: str,
+                     fields: str) -> TokenizedDataset:
     """Rows that cannot fit one micro-batch (max_length > max_tokens) are bad rows."""
     if max_tokens is None:
         return ds
@@ -164,56 +174,48 @@ def _filter_too_long(ds: TokenizedDataset, max_tokens: int | None, on_bad_row: s
     report = IngestReport.from_json(ds.report.to_json())
     policy = RowPolicy(path, on_bad_row, report)
     for i in bad:
-        policy.bad(BadRow("too_long", "prompt,response_a,response_b",
-                          f"{lengths[i]} tokens after truncation > max_tokens={max_tokens}"),
+        policy.bad(BadRow("too_long", fields, f"{lengths[i]} tokens after truncation > max_tokens={max_tokens}"),
                    ds.row_ids[i].item(), f"row {i + 1} of the kept rows")
     keep = np.flatnonzero(lengths <= max_tokens)
+    out = ds.take(keep)
     report.rows_kept = len(keep)
     report.log_summary()
-    parts = [ds.input_ids[ds.offsets[i]:ds.offsets[i + 1]] for i in keep]
-    return TokenizedDataset(ds.row_ids[keep], np.concatenate(parts) if parts else ds.input_ids[:0],
-                            np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64),
-                            None if ds.labels is None else ds.labels[keep], ds.swapped[keep], report)
+    out.report = report
+    return out
 
 
-def load_tokenized(path: str | Path, tokenizer_path: str | Path, max_length: int,
-                   prompt_layout: str = "interleaved", swap_ab: bool = False,
-                   on_bad_row: str = "error", max_tokens: int | None = None,
-                   cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                   num_workers: int = 0) -> TokenizedDataset:
-    """Validate, render and tokenize one file; cached on disk (cache_dir=None disables).
+def load_tokenized(path: str | Path, task: Task, tokenizer_path: str | Path, max_length: int, *,
+                   swap_ab: bool = False, on_bad_row: str = "error", max_tokens: int | None = None,
+                   cache_dir: str | Path | None = DEFAULT_CACHE_DIR, num_workers: int = 0) -> TokenizedDataset:
+    """Validate, render and tokenize one file with ``task``; cached on disk (cache_dir=None disables).
 
+    ``swap_ab`` renders every row through the task's augmentation (Arena: A and B exchanged).
     ``max_tokens`` (the micro-batch token budget) is checked after truncation; rows over it
     follow ``on_bad_row`` (reason "too_long"). It is applied after the cache, so it is not
     part of the cache key.
     """
     path, tokenizer_path = Path(path), str(tokenizer_path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if prompt_layout not in LAYOUTS:
-        raise ValueError(f"prompt_layout must be one of {LAYOUTS}, got {prompt_layout!r}")
     cache_file = None
-    if cache_dir is not None:
+    if cache_dir is not None and path.is_file():
         # The key needs no tokenizer: a cache hit never pays the ~3 s tokenizer build.
-        key = cache_key(path, tokenizer_path, max_length, prompt_layout, swap_ab, on_bad_row,
-                        template_key(prompt_layout))
+        key = cache_key(path, task, tokenizer_path, max_length, swap_ab, on_bad_row)
         cache_file = Path(cache_dir) / f"{path.stem}-{key}.npz"
         if cache_file.is_file():
             log.info("%s: tokenized cache hit %s", path, cache_file)
-            return _filter_too_long(_load(cache_file), max_tokens, on_bad_row, str(path))
+            return _filter_too_long(_load(cache_file), max_tokens, on_bad_row, str(path), task.text_fields)
 
-    rows, report = read_rows(path, on_bad_row)
-    builder = PromptBuilder(load_tokenizer(tokenizer_path), max_length, prompt_layout)
+    rows, report = task.read(path, on_bad_row)
+    builder = task.renderer(load_tokenizer(tokenizer_path), max_length)
     if swap_ab:
-        rows = [r.swapped() for r in rows]
+        rows = [task.augment(r) for r in rows]
     seqs = _tokenize_rows(builder, rows, num_workers, desc=f"tokenize {path.name}")
-    labelled = bool(rows) and rows[0].label is not None
+    labelled = rows[0].label is not None
     ds = TokenizedDataset(
         _ids_array([r.id for r in rows]),
-        np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
+        np.concatenate(seqs),
         np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
         np.stack([r.label for r in rows]).astype(np.float32) if labelled else None,
         np.full(len(rows), bool(swap_ab)), report)
     if cache_file is not None:
         _save(cache_file, ds)
-    return _filter_too_long(ds, max_tokens, on_bad_row, str(path))
+    return _filter_too_long(ds, max_tokens, on_bad_row, str(path), task.text_fields)

@@ -6,13 +6,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 ATTN_IMPLS = ("auto", "reference", "sdpa", "flex", "flash_attn")
 ROPE_IMPLS = ("auto", "torch", "te")
 HEADS = ("mlp", "linear")
-# Kaggle arena column order of the 3-way label.
-DEFAULT_LABELS = ("winner_model_a", "winner_model_b", "winner_tie")
+# Implementation choices: how the model runs, not what it computes; never read from a checkpoint.
+RUNTIME_FIELDS = ("attn_impl", "rope_impl", "last_layer_pooled_only")
 
 
 @dataclass
@@ -38,11 +38,10 @@ class ModelArgs:
     num_labels: int = 3
     head: str = "mlp"
     head_dropout: float = 0.1
-    # implementation choices (not part of the architecture)
+    # implementation choices (RUNTIME_FIELDS: not part of the architecture)
     attn_impl: str = "auto"
     rope_impl: str = "auto"
     last_layer_pooled_only: bool = True
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -91,7 +90,7 @@ class ModelArgs:
             cfg["head_dropout"] = cfg.get("arena_head_dropout", cls.head_dropout)
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in names}
-        for k in ("attn_impl", "rope_impl", "last_layer_pooled_only", "activation_checkpointing"):
+        for k in RUNTIME_FIELDS:
             kwargs.pop(k, None)  # runtime choices never come from a checkpoint
         unknown = set(overrides) - names
         if unknown:
@@ -99,12 +98,12 @@ class ModelArgs:
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    def to_hf_config(self, dtype: str = "float32") -> dict:
-        """A config.json dict that transformers' Gemma2ForSequenceClassification loads."""
-        if self.num_labels == len(DEFAULT_LABELS):
-            labels = list(DEFAULT_LABELS)
-        else:
-            labels = [f"LABEL_{i}" for i in range(self.num_labels)]
+    def to_hf_config(self, dtype: str = "float32", labels: Sequence[str] | None = None) -> dict:
+        """A config.json dict that transformers' Gemma2ForSequenceClassification loads.
+        ``labels``: the task's output column per class (id2label); LABEL_i when not given."""
+        labels = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(self.num_labels)]
+        if len(labels) != self.num_labels:
+            raise ValueError(f"{len(labels)} labels {labels} for a model with {self.num_labels} outputs")
         return {
             "architectures": ["Gemma2ForSequenceClassification"],
             "model_type": "gemma2",
@@ -148,3 +147,7 @@ class ModelArgs:
 
     def replace(self, **changes) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> dict[str, Any]:
+        """Every field that decides what the model computes (all but RUNTIME_FIELDS)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUNTIME_FIELDS}

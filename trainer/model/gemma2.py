@@ -1,18 +1,22 @@
 """Packed-sequence (varlen) Gemma 2 classifier.
 
 Activations are kept flat as [T, hidden] (T = real tokens of one packed row, no padding).
-Every decoder layer is self-contained (FSDP2 shards each with fully_shard) and takes only
-tensors and plain values: hidden, rope cos/sin, cu_seqlens, max_seq_len, optional pooled rows.
+Every decoder layer is self-contained (FSDP2 shards each with fully_shard; activation
+checkpointing and compile wrap each, see trainer/parallel.py) and takes only tensors and plain
+values: hidden, rope cos/sin, cu_seqlens, max_seq_len, optional pooled rows.
+
+Attention and RoPE backends are chosen once (``select_kernels``, called by the builder with the
+device and compute dtype the model will run with), never per forward.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs
 from .attention import resolve_attn_impl, varlen_attention
@@ -47,10 +51,19 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
+@dataclass
+class Kernels:
+    """The resolved backends, one object shared by every attention module of a model."""
+
+    attn: str | None = None  # reference | flex | flash_attn
+    rope: str | None = None  # torch | te
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, kernels: Kernels):
         super().__init__()
         self.args = args
+        self.kernels = kernels
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.window = args.layer_window(layer_idx)
         self.scale = args.query_pre_attn_scalar**-0.5
@@ -66,8 +79,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
 
-        rope = resolve_rope_impl(self.args.rope_impl, x.device)
-        if rope == "te":
+        if self.kernels.rope == "te":
             theta = self.args.rope_theta
             k = apply_rope_te(k, cu_seqlens, max_seq_len, self.head_dim, theta)
             if q_rows is None:
@@ -78,21 +90,20 @@ class Attention(nn.Module):
             q = apply_rope(q, cos if q_rows is None else cos[q_rows], sin if q_rows is None else sin[q_rows])
             k = apply_rope(k, cos, sin)
 
-        impl = resolve_attn_impl(self.args.attn_impl, x.device, x.dtype)
         out = varlen_attention(
             q, k, v,
             cu_seqlens=cu_seqlens, max_seq_len=max_seq_len, scale=self.scale,
             softcap=self.args.attn_logit_softcapping, window=self.window,
-            impl=impl, q_rows=q_rows, mask_cache=mask_cache,
+            impl=self.kernels.attn, q_rows=q_rows, mask_cache=mask_cache,
         )
         return self.o_proj(out.reshape(xq.shape[0], -1))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, kernels: Kernels | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = Attention(args, layer_idx)
+        self.self_attn = Attention(args, layer_idx, kernels or Kernels())
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
         eps = args.rms_norm_eps
         self.input_layernorm = RMSNorm(args.hidden_size, eps)
@@ -124,8 +135,9 @@ class Gemma2Classifier(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        self.kernels = Kernels()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=args.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i, self.kernels) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if args.head == "mlp":
             self.head = MLPHead(args.hidden_size, args.num_labels, args.head_dropout)
@@ -156,6 +168,18 @@ class Gemma2Classifier(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def select_kernels(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                       ) -> tuple[str, str]:
+        """Resolve ``args.attn_impl`` / ``args.rope_impl`` for the device and compute dtype the
+        model runs with (default: those of its parameters); raises if a requested backend
+        cannot run there. The builder calls it once; a bare model resolves at its first forward."""
+        weight = self.embed_tokens.weight
+        device = torch.device(device) if device is not None else weight.device
+        dtype = dtype or weight.dtype
+        self.kernels.attn = resolve_attn_impl(self.args.attn_impl, device, dtype)
+        self.kernels.rope = resolve_rope_impl(self.args.rope_impl, device)
+        return self.kernels.attn, self.kernels.rope
+
     def forward(
         self,
         *,
@@ -164,9 +188,10 @@ class Gemma2Classifier(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seq_len: int | torch.Tensor | None = None,
         return_hidden: bool = False,
-        **ignored,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Packed row -> fp32 logits [B, num_labels] (and pooled hidden [B, hidden] if return_hidden)."""
+        """Packed row -> fp32 logits [B, num_labels] (and pooled hidden [B, hidden] if return_hidden).
+
+        Takes exactly the collator's ``PackedBatch.inputs``; any other keyword is refused."""
         if input_ids.dim() == 2 and input_ids.shape[0] != 1:
             raise ValueError(f"expected one packed row [1, T] or [T], got input_ids {tuple(input_ids.shape)}")
         input_ids, position_ids = input_ids.reshape(-1), position_ids.reshape(-1)
@@ -176,6 +201,8 @@ class Gemma2Classifier(nn.Module):
             max_seq_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         max_seq_len = int(max_seq_len)
         last = (cu_seqlens[1:] - 1).long()
+        if self.kernels.attn is None:
+            self.select_kernels(input_ids.device)
 
         h = self.embed_tokens(input_ids)
         # normaliser cast to the model dtype first, as in transformers (sqrt(3584) rounds in bf16)
@@ -183,31 +210,15 @@ class Gemma2Classifier(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
         mask_cache: dict = {}  # per-forward cache of backend masks (flex BlockMask)
 
-        ckpt = self.args.activation_checkpointing and self.training and torch.is_grad_enabled()
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             q_rows = last if (self.args.last_layer_pooled_only and i == n - 1) else None
-            if ckpt:
-                h = checkpoint(layer, h, cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache)
+            h = layer(h, cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache)
         if not (self.args.last_layer_pooled_only and n > 0):
             h = h[last]
         pooled = self.norm(h)  # RMSNorm is per row: norm(h)[last] == norm(h[last])
         logits = self.head(pooled).float()
         return (logits, pooled) if return_hidden else logits
-
-    # checkpoint I/O lives in hf_io; bound here for the `Gemma2Classifier.from_pretrained` API
-    @classmethod
-    def from_pretrained(cls, path, head: str | None = None, *, dtype=None, device="cpu", **arg_overrides):
-        from .hf_io import load_pretrained
-
-        return load_pretrained(cls, path, head=head, dtype=dtype, device=device, **arg_overrides)
-
-    def save_pretrained(self, path) -> None:
-        from .hf_io import save_pretrained
-
-        save_pretrained(self, path)
 
 
 def count_params(model: nn.Module, exclude_embeddings: bool = True) -> int:

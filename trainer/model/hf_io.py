@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .args import ModelArgs
+from .gemma2 import Gemma2Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ def parameter_name_map(model_or_args: nn.Module | ModelArgs) -> dict[str, str]:
     """Our parameter name -> the name written to / expected in a transformers checkpoint."""
     if isinstance(model_or_args, ModelArgs):
         with torch.device("meta"):
-            from .gemma2 import Gemma2Classifier
-
             model_or_args = Gemma2Classifier(model_or_args)
     head = model_or_args.args.head
     return {n: _hf_name(n, head) for n, _ in model_or_args.named_parameters()}
@@ -85,19 +84,32 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
     return out
 
 
-def load_pretrained(cls, path, head: str | None = None, *, dtype=None, device="cpu", **arg_overrides):
-    """Build on the meta device, then allocate once and fill tensor by tensor from safetensors.
-    head=None takes the head recorded by our save_pretrained, else "mlp". Returns the model in eval mode."""
+def pretrained_args(path, head: str | None = None, **arg_overrides) -> ModelArgs:
+    """The ModelArgs of a transformers Gemma 2 directory (config.json) with overrides.
+    head=None takes the head recorded by our save_pretrained, else "mlp"."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path / 'config.json'} not found")
     cfg = json.loads((path / "config.json").read_text())
-    head = head or cfg.get("arena_head", "mlp")
-    args = ModelArgs.from_hf_config(cfg, head=head, **arg_overrides)
+    return ModelArgs.from_hf_config(cfg, head=head or cfg.get("arena_head", "mlp"), **arg_overrides)
+
+
+def pretrained_labels(path) -> list[str] | None:
+    """id2label of a directory's config.json, in class order (None when it has none)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    id2label = cfg.get("id2label")
+    return None if not id2label else [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def load_pretrained(path, head: str | None = None, *, dtype=None, device="cpu", **arg_overrides) -> Gemma2Classifier:
+    """Build on the meta device, then allocate once and fill tensor by tensor from safetensors.
+    head=None takes the head recorded by our save_pretrained, else "mlp". Returns the model in eval mode."""
+    path = Path(path)
+    args = pretrained_args(path, head, **arg_overrides)
     key_file = _checkpoint_files(path)
 
     with torch.device("meta"):
-        model = cls(args)
+        model = Gemma2Classifier(args)
     if dtype is not None:
         model.to(dtype)  # still meta: free
     found, missing, unexpected = match_checkpoint_keys(parameter_name_map(model), key_file)
@@ -135,9 +147,10 @@ def load_pretrained(cls, path, head: str | None = None, *, dtype=None, device="c
     return model.eval()
 
 
-def save_pretrained(model: nn.Module, path) -> None:
+def save_pretrained(model: nn.Module, path, labels=None) -> None:
     """Write model.safetensors + config.json loadable by transformers' Gemma2ForSequenceClassification
-    (linear head; an mlp-head file loads there with a freshly initialised `score`)."""
+    (linear head; an mlp-head file loads there with a freshly initialised `score`). ``labels``:
+    the task's output column per class, written as id2label."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     name_map = parameter_name_map(model)
@@ -150,4 +163,4 @@ def save_pretrained(model: nn.Module, path) -> None:
     save_file(tensors, path / SAFE_WEIGHTS, metadata={"format": "pt"})
     (path / SAFE_INDEX).unlink(missing_ok=True)  # a stale index would shadow the new file
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    (path / "config.json").write_text(json.dumps(model.args.to_hf_config(dtype=dtype), indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(model.args.to_hf_config(dtype=dtype, labels=labels), indent=2) + "\n")

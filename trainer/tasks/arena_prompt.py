@@ -1,27 +1,26 @@
-"""Render an ArenaRow into one judge prompt as Gemma 2 token ids, truncated to max_length.
+"""The Arena judge prompt: an ArenaRow as Gemma 2 token ids, truncated to max_length.
 
 Tokenizer notice: the Gemma 2 tokenizer used here is subject to the Gemma Terms of Use
 (https://ai.google.dev/gemma/terms).
 
 Every piece (template literal or text field) is tokenized on its own and the final ids are
-the concatenation of those token lists, so truncation cuts token lists, never characters,
-and never splits a token. Text is tokenized with special-token parsing OFF, so a user
-typing "<bos>" or "<start_of_turn>" gets ordinary tokens: the template alone places specials.
+the concatenation of those token lists (see trainer/data/render.py).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from trainer.data.ingest import ArenaRow
+from trainer.data.render import BOS_ID, fair_split
+from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.tasks.arena import ArenaRow
 
 TEMPLATE_VERSION = 1  # bump when any literal below changes meaning (it is in the cache key)
 LAYOUTS = ("interleaved", "sequential")
-BOS_ID = 2
 MIN_PIECE_TOKENS = 16  # a kept turn must be able to show this much of each field
 
 INSTRUCTION = (
@@ -32,49 +31,6 @@ INSTRUCTION = (
 QUESTION = "Which assistant answered better? Reply with [[A]], [[B]] or [[tie]]."
 VERDICT = "My verdict is: [["
 _SLOT = "\x00BODY\x00"
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str):
-    """The transformers Gemma tokenizer (built from tokenizer.model in ~3 s), cached per process.
-
-    Private to the data pipeline: PromptBuilder switches its backend to encode_special_tokens.
-    """
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def tokenizer_fingerprint(path: str | Path) -> str:
-    """sha256 over every file of the tokenizer directory (names and bytes)."""
-    h = hashlib.sha256()
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def fair_split(demands: Sequence[int], budget: int) -> list[int]:
-    """Water-filling: each item gets min(demand, level), the level as high as the budget allows.
-
-    Short items keep everything; long items share what is left equally. Integer remainder
-    goes to the earliest unfilled items.
-    """
-    alloc = [0] * len(demands)
-    remaining = max(budget, 0)
-    order = sorted(range(len(demands)), key=lambda i: (demands[i], i))
-    for rank, i in enumerate(order):
-        share = remaining // (len(order) - rank)
-        alloc[i] = min(demands[i], share)
-        remaining -= alloc[i]
-    for i in range(len(demands)):  # spend the floor() remainder, earliest first
-        if remaining <= 0:
-            break
-        extra = min(demands[i] - alloc[i], remaining)
-        alloc[i] += extra
-        remaining -= extra
-    return alloc
 
 
 def segments(layout: str, k: int) -> list:
@@ -108,7 +64,7 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, max_length: int, layout: str = "interleaved"):
         if layout not in LAYOUTS:
-            raise ValueError(f"prompt_layout must be one of {LAYOUTS}, got {layout!r}")
+            raise ConfigError(f"data.prompt_layout={layout!r}: expected one of {list(LAYOUTS)}")
         self.max_length, self.layout = int(max_length), layout
         # Gemma has no system role: the instruction opens the first user turn, and the
         # generation prompt plus a fixed verdict opener ends it, so the last token (the one
@@ -128,8 +84,8 @@ class PromptBuilder:
         self._literal_cache: dict[str, list[int]] = {}
         fixed = len(self.prefix) + len(self.suffix) + self._overhead(1)
         if self.max_length < fixed + 3 * MIN_PIECE_TOKENS:
-            raise ValueError(f"max_length={max_length} cannot hold the judge template "
-                             f"({fixed} tokens) plus {MIN_PIECE_TOKENS} tokens per field")
+            raise ConfigError(f"data.max_length={max_length} cannot hold the judge template "
+                              f"({fixed} tokens) plus {MIN_PIECE_TOKENS} tokens per field")
 
     # -- layout ---------------------------------------------------------------------
     def _segments(self, k: int) -> list:

@@ -1,0 +1,206 @@
+"""Config -> model: the one place that builds one, for training, export, predict and bench.
+
+Training (``build_model``), in this order:
+
+1. **architecture**: from the ``model`` config group (from scratch), or from a transformers
+   Gemma 2 directory's config.json (``model.name_or_path``) with the config's head, runtime
+   choices and ``query_pre_attn_scalar`` applied; ``num_labels`` always from the task;
+2. **weights**: from scratch (the same seed on every rank gives identical weights), or read by
+   rank 0 alone while the other ranks build on the meta device and receive their shards, so a
+   node holds one host copy of the checkpoint, not one per GPU;
+3. **adapters**: the hook where LoRA / QLoRA will be injected (none yet: full fine-tuning);
+4. **kernels**: attention and RoPE backends resolved once for the device and compute dtype;
+5. **parallelize**: activation checkpointing -> (optional) compile -> fully_shard
+   (trainer/parallel.py).
+
+Inference (``load_for_inference``): the checkpoint records the trained model's full
+architecture (``architecture_record``), and that, not the yaml, is what gets rebuilt; the load
+is strict (every tensor present with its shape, nothing left uninitialised), and an override
+that contradicts the checkpoint is an error naming both values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import DictConfig, OmegaConf
+
+from .distributed import DistInfo
+from .dtypes import to_dtype
+from .errors import CheckpointError, ConfigError
+from .model import Gemma2Classifier, ModelArgs
+from .model.args import RUNTIME_FIELDS
+from .model.hf_io import load_pretrained, pretrained_args
+from .parallel import parallelize
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+ARGS_FIELDS = tuple(f.name for f in fields(ModelArgs))
+# Kept from the config when loading a pretrained directory (the rest comes from its config.json).
+PRETRAINED_KEEPS = ("head", "head_dropout", *RUNTIME_FIELDS)
+
+
+# ---- architecture -------------------------------------------------------------------------
+def _num_labels(mcfg: DictConfig, task: Task) -> int:
+    if mcfg.num_labels is not None and mcfg.num_labels != task.num_classes:
+        raise ConfigError(f"config key 'model.num_labels' = {mcfg.num_labels} contradicts the task: "
+                          f"{task.describe()}; leave model.num_labels=null (it follows the task)")
+    return task.num_classes
+
+
+def pretrained_dir(mcfg: DictConfig) -> Path:
+    path = Path(mcfg.name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path={path}: no config.json there (a transformers Gemma 2 directory is "
+                          "expected; set model.name_or_path=null to train from scratch)")
+    return path
+
+
+def _pretrained_overrides(mcfg: DictConfig, task: Task) -> dict[str, Any]:
+    overrides = {k: mcfg[k] for k in PRETRAINED_KEEPS}
+    overrides["num_labels"] = _num_labels(mcfg, task)
+    if mcfg.query_pre_attn_scalar is not None:  # the 9B release changed 224 -> 256
+        overrides["query_pre_attn_scalar"] = mcfg.query_pre_attn_scalar
+    return overrides
+
+
+def model_args(mcfg: DictConfig, task: Task) -> ModelArgs:
+    """The architecture this config trains, before any weights exist."""
+    if mcfg.name_or_path:
+        path = pretrained_dir(mcfg)
+        try:
+            args = pretrained_args(path, **_pretrained_overrides(mcfg, task))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.name_or_path={path}: {e}") from e
+        preset = {k: mcfg[k] for k in args.architecture() if k in mcfg and mcfg[k] is not None}
+        differ = {k: (v, getattr(args, k)) for k, v in preset.items() if v != getattr(args, k)}
+        if differ:
+            log.warning("model.name_or_path=%s: its config.json decides the architecture; the model preset %r "
+                        "differs in %s (preset value, checkpoint value): training the checkpoint's", path,
+                        mcfg.name, differ)
+        return args
+    values = {k: v for k, v in OmegaConf.to_container(mcfg, resolve=True).items() if k in ARGS_FIELDS}
+    values["num_labels"] = _num_labels(mcfg, task)
+    if values.get("query_pre_attn_scalar") is None:
+        values["query_pre_attn_scalar"] = values["head_dim"]
+    return ModelArgs(**values)
+
+
+def architecture_record(args: ModelArgs, mcfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint stores to rebuild exactly the model that trained."""
+    return {"architecture": args.architecture(), "dtype": mcfg.dtype, "name_or_path": mcfg.name_or_path}
+
+
+# ---- weights ------------------------------------------------------------------------------
+def _load_pretrained(mcfg: DictConfig, task: Task, device: torch.device | str = "cpu") -> Gemma2Classifier:
+    path = pretrained_dir(mcfg)
+    overrides = _pretrained_overrides(mcfg, task)
+    try:
+        model = load_pretrained(path, dtype=to_dtype(mcfg.dtype), device=device, **overrides)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"model.name_or_path={path}: {e}") from e
+    return model.train()
+
+
+def apply_adapters(model: Gemma2Classifier, cfg: DictConfig) -> Gemma2Classifier:
+    """Where LoRA / QLoRA adapters will be injected (after the base weights exist, before
+    parallelize). Full fine-tuning: the model as it is."""
+    return model
+
+
+def build_model(cfg: DictConfig, task: Task, info: DistInfo, mesh) -> tuple[Gemma2Classifier, ModelArgs]:
+    """The FSDP2-sharded training model on this rank's device, and its architecture."""
+    mcfg, pcfg = cfg.model, cfg.parallel
+    args = model_args(mcfg, task)
+    dtype = to_dtype(mcfg.dtype)
+    full_state: dict[str, torch.Tensor] | None = None
+    if not mcfg.name_or_path:
+        model = Gemma2Classifier(args).to(dtype).to(info.device)
+    elif info.world_size == 1:
+        model = _load_pretrained(mcfg, task, info.device)
+    elif info.is_main:
+        model = _load_pretrained(mcfg, task)
+        full_state = {k: v.detach() for k, v in model.state_dict().items()}
+        model = model.to(info.device)
+    else:
+        with torch.device("meta"):
+            model = Gemma2Classifier(args).to(dtype)
+        full_state = {}
+    model = apply_adapters(model, cfg)
+    attn, rope = model.select_kernels(info.device, to_dtype(pcfg.param_dtype))
+    log.info("model: %d layers, hidden %d, %d labels, %s weights; attention %s, rope %s%s", args.num_hidden_layers,
+             args.hidden_size, args.num_labels, mcfg.dtype, attn, rope,
+             f"; from {mcfg.name_or_path}" if mcfg.name_or_path else " (from scratch)")
+    if mcfg.compile and info.device.type != "cuda":
+        raise ConfigError("config key 'model.compile' = true needs CUDA (compiled flex attention); on CPU the "
+                          "reference attention path recompiles for every sequence length: set model.compile=false")
+    model = parallelize(model, mesh, activation_checkpointing=mcfg.activation_checkpointing, compile=mcfg.compile,
+                        param_dtype=pcfg.param_dtype, reduce_dtype=pcfg.reduce_dtype,
+                        reshard_after_forward=pcfg.reshard_after_forward, cpu_offload=pcfg.cpu_offload)
+    if full_state is not None:  # pretrained over several ranks: rank 0's weights into every rank's shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not info.is_main:
+            model.to_empty(device=info.device)
+        set_model_state_dict(model, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model.train(), args
+
+
+# ---- inference ----------------------------------------------------------------------------
+def recorded_args(state: Mapping[str, Any], cfg: DictConfig, task: Task, overrides: list[str], where: str
+                  ) -> ModelArgs:
+    """The architecture a checkpoint trained, with the config's runtime choices. ``overrides``
+    (the user's key=value list) may not contradict it."""
+    record = state.get("model")
+    if record is None:  # written before architectures were recorded: the config trained it
+        return model_args(cfg.model, task)
+    arch = dict(record["architecture"])
+    for item in overrides:
+        key, _, _ = item.lstrip("+").partition("=")
+        name = key.removeprefix("model.")
+        if key.startswith("model.") and name in arch and OmegaConf.select(cfg, key) != arch[name]:
+            raise ConfigError(f"override {key}={OmegaConf.select(cfg, key)!r} contradicts {where}, which was trained "
+                              f"with {name}={arch[name]!r}; drop the override (the checkpoint's architecture is used)")
+    return ModelArgs(**arch, **{k: cfg.model[k] for k in RUNTIME_FIELDS})
+
+
+def _check_keys(model: torch.nn.Module, ckpt: Path) -> None:
+    """Every model tensor in the checkpoint with its shape, and no model tensor left over."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = {k.removeprefix("model."): tuple(m.size)
+             for k, m in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    wrong = {k: (saved[k], want[k]) for k in want.keys() & saved.keys() if saved[k] != want[k]}
+    if missing or extra or wrong:
+        raise CheckpointError(f"{ckpt}: the checkpoint does not hold this model's tensors: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}, shape (saved, model) {dict(list(wrong.items())[:5])}")
+
+
+def load_for_inference(ckpt: Path, state: Mapping[str, Any], cfg: DictConfig, task: Task,
+                       overrides: list[str] = (), device: torch.device | str = "cpu") -> Gemma2Classifier:
+    """The trained model, unsharded, on one device, in eval mode: built on the meta device from
+    the recorded architecture, allocated once and filled strictly from the DCP shards (DCP
+    reshards, so any number of training ranks loads on one process)."""
+    from .checkpoint import SafeLoadPlanner
+
+    args = recorded_args(state, cfg, task, list(overrides), str(ckpt))
+    dtype = to_dtype(cfg.model.dtype)
+    with torch.device("meta"):
+        model = Gemma2Classifier(args).to(dtype)
+    _check_keys(model, ckpt)
+    model = model.to_empty(device=device)
+    sd = {"model": model.state_dict()}
+    dcp.load(sd, checkpoint_id=str(ckpt), planner=SafeLoadPlanner(allow_partial_load=False))
+    model.load_state_dict(sd["model"], strict=True)
+    model.select_kernels(device, dtype)
+    return model.eval()
