@@ -146,3 +146,27 @@ def test_parquet_and_jsonl_match_csv(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps(recs[0]) + "\n{broken\n")
     with pytest.raises(DataError, match=r"c\.jsonl: row 2 \(line 2\)"):
         read_rows(tmp_path / "c.jsonl")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("blob.csv", b"id,prompt\n\x00\x01\x02binary", r"blob\.csv: not a text file \(NUL byte at offset 10\)"),
+    ("latin.csv", "id,prompt,réponse\n".encode("latin-1"), r"latin\.csv: the first line is not UTF-8 text \(byte 0xe9"),
+    ("empty.csv", b"", r"empty\.csv: empty file \(no header line\)"),
+    ("header.csv", ",".join(HEADER).encode() + b"\n", r"header\.csv: no data rows"),
+    ("x.parquet", b"id,prompt\n1,2\n", r"x\.parquet: not a parquet file"),
+    ("x.jsonl", b"not json\n{}\n", r"x\.jsonl: the first line is not a JSON object"),
+    ("x.tsv", b"id\tprompt\n", r"x\.tsv: unsupported file type '\.tsv'"),
+])
+def test_file_level_problems_are_named_without_dumping_bytes(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_bytes(content)
+    for policy in ("error", "skip"):
+        with pytest.raises(DataError, match=message) as e:
+            read_rows(f, on_bad_row=policy)
+        assert len(str(e.value)) < 300
+
+
+def test_a_file_whose_every_row_is_bad_is_an_error_even_when_skipping(tmp_path):
+    f = write_csv(tmp_path / "allbad.csv", [row(1, label=(2, 0, 0)), row(2, prompt="[")])
+    with pytest.raises(DataError, match=r"allbad\.csv: none of its 2 rows is usable \(skipped: \{'bad_label': 1, 'bad_json': 1\}\)"):
+        read_rows(f, on_bad_row="skip")

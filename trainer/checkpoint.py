@@ -297,7 +297,13 @@ class Checkpointer:
                     log.warning("checkpoint refused: %s", p)
                 choice = str(path) if path else None
             else:
-                verify_checkpoint(Path(resume))  # an explicit choice must be valid: raise
+                if not Path(resume).is_dir():
+                    raise CheckpointError(f"trainer.resume={resume}: no such checkpoint directory (use auto, never, "
+                                          "or a checkpoints/step-N directory)")
+                try:
+                    verify_checkpoint(Path(resume))  # an explicit choice must be valid: raise
+                except CheckpointError as e:
+                    raise CheckpointError(f"trainer.resume={resume}: {e}") from e
                 choice = resume
         choice = broadcast_object(choice)
         return Path(choice) if choice else None

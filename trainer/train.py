@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import flops as flops_lib
 from .build import architecture_record, build_model
-from .checkpoint import Checkpointer, Stateful, step_dir_name
+from .checkpoint import Checkpointer, Stateful, step_dir_name, verify_checkpoint
 from .config import to_container
 from .data.collate import PackedBatch, Step, VarlenCollator, make_step_loader
 from .data.sampler import TokenBudgetSampler
@@ -168,8 +168,8 @@ class Trainer:
                 "model": architecture_record(self.model_args, self.cfg.model), "task": self.task.record()}
 
     def _load(self, path: Path) -> None:
+        _refuse_other_run(path, verify_checkpoint(path), self._metadata())  # before DCP meets other shapes
         state = self.checkpointer.load(path, self.model, self.optimizer, self.states)
-        _refuse_other_run(path, state, self._metadata())
         log.info("resumed from %s at step %d (saved with world size %d, now %d)", path, self.step,
                  state.get("world_size", -1), self.info.world_size)
 
