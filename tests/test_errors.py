@@ -64,8 +64,7 @@ FAST = ("typo", "bad_row")  # the rest are marked slow (each is a fresh interpre
 
 
 def _run(entry: str, overrides: list[str], tmp: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", f"launch.{entry}", "+experiment=cpu_demo", *overrides,
-            f"data.cache_dir={tmp / 'cache'}", "logging.progress_bar=false"]
+    args = [sys.executable, "-m", f"launch.{entry}", "+experiment=cpu_demo", *overrides, "logging.progress_bar=false"]
     if entry == "train":
         args.append(f"trainer.run_dir={tmp / 'run'}")
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -150,7 +149,7 @@ def test_under_torchrun_rank0_alone_reports(tmp_path):
     overrides, must = bad_inputs(tmp_path)["bad_row"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "launch.train", "+experiment=cpu_demo", *overrides, f"trainer.run_dir={tmp_path / 'run'}",
-                           f"data.cache_dir={tmp_path / 'cache'}", "logging.progress_bar=false"],
+                           "logging.progress_bar=false"],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0

@@ -115,3 +115,27 @@ def test_predict_unlabelled_file_under_torchrun(trained, tmp_path):
     ids, probs = _read_submission(out)
     assert len(ids) == 40 and len(set(ids)) == 40
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+
+
+def test_predict_user_errors_are_one_line_exit_2(trained, tmp_path, capsys):
+    from launch.predict import main as predict_main
+
+    _, run_dir, _ = trained
+    empty = tmp_path / "empty.csv"
+    empty.write_text("id,prompt,response_a,response_b\n")
+    blob = tmp_path / "blob.csv"
+    blob.write_bytes(b"\x00\x01PK\x03\x04" + bytes(range(256)) * 100)
+    cases = [([f"data.test_path={empty}"], ["empty.csv", "no data rows"]),
+             ([f"data.test_path={blob}"], ["blob.csv", "not a text file"]),
+             ([f"data.test_path={EVAL_CSV}", "model.num_hidden_layers=3"], ["model.num_hidden_layers", "3", "2"]),
+             ([f"data.test_path={EVAL_CSV}", "model.hiden_size=3"], ["hiden_size"]),
+             (["data.test_path=null"], ["data.test_path"])]
+    for extra, must in cases:
+        with pytest.raises(SystemExit) as exc:
+            predict_main([f"checkpoint={run_dir}", f"out={tmp_path / 'o.csv'}", *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert all(m in err for m in must), (must, err)
+    with pytest.raises(SystemExit):
+        predict_main([f"checkpoint={tmp_path / 'nowhere'}", f"out={tmp_path / 'o.csv'}"])
+    assert "no such file or directory" in capsys.readouterr().err

@@ -32,7 +32,6 @@ from .distributed import DistInfo, all_gather_objects, all_reduce_sum, destroy_d
 from .errors import CheckpointError
 from .evaluate import evaluate
 from .metrics import LossBuffer
-from .model import ModelArgs
 from .optim import build_optimizer, build_scheduler_from_cfg
 from .parallel import build_mesh
 from .runtime import (DONE_MARKER, PREEMPTED_MARKER, STOP_FILE, PreemptionWatcher, resolve_run_dir,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..dtypes import to_dtype
 from .anyprecision_adamw import AnyPrecisionAdamW
 from .param_groups import build_param_groups
 from .schedule import build_scheduler, lr_lambda, resolve_warmup_steps
@@ -24,28 +25,8 @@ __all__ = [
     "build_scheduler",
     "build_scheduler_from_cfg",
     "lr_lambda",
-    "parse_dtype",
     "resolve_warmup_steps",
 ]
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    try:
-        return _DTYPES[str(value).lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {value!r}; expected one of {sorted(_DTYPES)}") from None
-
 
 def _get(cfg: Any, name: str, default: Any) -> Any:
     # getattr with a default also covers OmegaConf struct configs (ConfigAttributeError is an
@@ -78,9 +59,9 @@ def build_optimizer(model: nn.Module, cfg: Any) -> Optimizer:
             eps=eps,
             weight_decay=weight_decay,
             use_kahan_summation=bool(_get(cfg, "use_kahan_summation", False)),
-            momentum_dtype=parse_dtype(_get(cfg, "momentum_dtype", "float32")),
-            variance_dtype=parse_dtype(_get(cfg, "variance_dtype", "float32")),
-            compensation_buffer_dtype=parse_dtype(_get(cfg, "compensation_dtype", "bfloat16")),
+            momentum_dtype=to_dtype(_get(cfg, "momentum_dtype", "float32")),
+            variance_dtype=to_dtype(_get(cfg, "variance_dtype", "float32")),
+            compensation_buffer_dtype=to_dtype(_get(cfg, "compensation_dtype", "bfloat16")),
         )
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
