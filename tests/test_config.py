@@ -90,10 +90,14 @@ def test_bad_override_fails_in_compose_naming_the_key(override, named):
     ("logging.wandb.mode=cloud", "logging.wandb.mode"),
     ("data.max_tokens=100", "data.max_length"),
     ("trainer.epochs=0", "trainer.epochs"),
+    ("data.eval_fraction=0.2", "data.eval_fraction"),  # with the arena eval file still set
+    ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("data.swap_ab=true data/task=text_classification data.train_path=x.csv", "data.swap_ab"),
+    ("data.class_names=[a,b]", "data.class_names"),
 ])
 def test_semantic_validation_names_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        compose(["+experiment=cpu_demo", override])
+        compose(["+experiment=cpu_demo", *override.split()])
 
 
 @pytest.mark.parametrize("override,named", [

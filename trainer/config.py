@@ -279,6 +279,10 @@ def validate(cfg: DictConfig) -> None:
     d, m = cfg.data, cfg.model
     if d.eval_fraction is not None and not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"config key 'data.eval_fraction' must be in (0, 1) or null, got {d.eval_fraction}")
+    if d.eval_fraction is not None and d.eval_path:
+        raise ConfigError(f"config key 'data.eval_fraction' = {d.eval_fraction} holds rows out of the training file "
+                          f"only without an eval file, but data.eval_path = {d.eval_path}: set data.eval_path=null "
+                          "(or drop data.eval_fraction)")
     if d.swap_ab and d.task != "arena":
         raise ConfigError(f"config key 'data.swap_ab' = true: task {d.task} has no A/B swap (set data.swap_ab=false)")
     if d.class_names is not None and d.task != "text_classification":
