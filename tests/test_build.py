@@ -205,9 +205,7 @@ def test_parallelize_order_and_activation_checkpointing_saves_memory(monkeypatch
         dist.destroy_process_group()
 
 
-def test_compile_is_refused_where_it_cannot_work():
-    with pytest.raises(ConfigError, match="model.compile.*model.activation_checkpointing"):
-        compose(["+experiment=cpu_demo", "model.compile=true", "model.activation_checkpointing=true"])
+def test_model_keys_are_refused_where_they_cannot_work():
     with pytest.raises(ConfigError, match="query_pre_attn_scalar"):
         compose(["+experiment=cpu_demo", "model.query_pre_attn_scalar=null"])
     with pytest.raises(ConfigError, match="model.num_labels"):

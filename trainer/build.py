@@ -137,10 +137,8 @@ def build_model(cfg: DictConfig, task: Task, info: DistInfo, mesh) -> tuple[Gemm
     log.info("model: %d layers, hidden %d, %d labels, %s weights; attention %s, rope %s%s", args.num_hidden_layers,
              args.hidden_size, args.num_labels, mcfg.dtype, attn, rope,
              f"; from {mcfg.name_or_path}" if mcfg.name_or_path else " (from scratch)")
-    if mcfg.compile and info.device.type != "cuda":
-        raise ConfigError("config key 'model.compile' = true needs CUDA (compiled flex attention); on CPU the "
-                          "reference attention path recompiles for every sequence length: set model.compile=false")
     model = parallelize(model, mesh, activation_checkpointing=mcfg.activation_checkpointing, compile=mcfg.compile,
+                        compile_backend=mcfg.compile_backend,
                         param_dtype=pcfg.param_dtype, reduce_dtype=pcfg.reduce_dtype,
                         reshard_after_forward=pcfg.reshard_after_forward, cpu_offload=pcfg.cpu_offload)
     if full_state is not None:  # pretrained over several ranks: rank 0's weights into every rank's shards

@@ -12,6 +12,8 @@ change: checkpoints, HF export and optimizer groups see the plain model's names.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -40,19 +42,39 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         checkpoint(layer)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each decoder layer in place, with dynamic shapes (packed lengths vary)."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer's forward, with dynamic shapes (packed lengths vary).
+
+    Only the layer's math is compiled: the module hooks around it (activation checkpointing,
+    FSDP2's all-gather and reshard) stay eager, and the attention masks come in as inputs built
+    ahead of the layers, so a checkpointed layer's recompute replays exactly its forward. The
+    forward is replaced on the instance: parameter names do not change."""
     for layer in model.layers:
-        layer.compile(dynamic=True)
+        layer.forward = _compiled(layer.forward, backend)
+
+
+def _compiled(forward, backend: str):
+    # dynamic=True: packed lengths change every step, so sizes (and host ints such as
+    # max_seq_len) are symbolic from the first compile. Floats stay specialised: they are model
+    # constants (the logit softcap, the attention scale), and flex attention's score_mod cannot
+    # capture a symbolic float.
+    compiled = torch.compile(forward, dynamic=True, backend=backend)
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, *, activation_checkpointing: bool = False,
-                compile: bool = False, **fsdp) -> nn.Module:
+                compile: bool = False, compile_backend: str = "inductor", **fsdp) -> nn.Module:
     """activation checkpointing -> compile -> fully_shard (``fsdp``: shard_model's options)."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
-        apply_compile(model)
+        apply_compile(model, compile_backend)
     return shard_model(model, mesh, **fsdp)
 
 

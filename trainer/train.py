@@ -203,29 +203,38 @@ class Trainer:
     def train_step(self, micro_batches: list[PackedBatch], rows_in_step: int) -> dict[str, float]:
         model, dev, world = self.model, self.info.device, self.info.world_size
         model.train()
+        # Nothing in the micro-batch loop waits on the device: losses and non-finite counts stay
+        # device tensors until the one read after the last backward.
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        n_bad = torch.zeros((), dtype=torch.float64, device=dev)
         tokens = rows = 0
-        bad_rows: list[Any] = []
+        per_rows: list[torch.Tensor] = []
         seq_lens: list[int] = []
         for mb in micro_batches:
             batch = mb.to(dev, non_blocking=True)
             logits = model(**batch.inputs)
             per_row = _soft_cross_entropy(logits, batch.labels) * batch.weights
             (per_row.sum() * (world / rows_in_step)).backward()
-            loss_sum += per_row.detach().double().sum()
-            if not torch.isfinite(per_row).all():
-                bad_rows += [rid for rid, v in zip(mb.row_ids, per_row.tolist()) if not math.isfinite(v)]
+            per_row = per_row.detach()
+            loss_sum += per_row.double().sum()
+            n_bad += (~torch.isfinite(per_row)).sum()
+            per_rows.append(per_row)
             lens = [n for n, w in zip(mb.seq_lens, mb.weights.tolist()) if w > 0]  # host copies: no sync
             rows += len(lens)
             tokens += sum(lens)
             seq_lens += lens
+        local_loss, local_bad = torch.stack([loss_sum, n_bad]).tolist()
+        bad_rows: list[Any] = []
+        if local_bad:
+            for mb, per_row in zip(micro_batches, per_rows):
+                bad_rows += [rid for rid, v in zip(mb.row_ids, per_row.tolist()) if not math.isfinite(v)]
         grad_norm = _grad_norm_and_clip(model, self.cfg.optim.grad_clip)
         # Model FLOPs are additive over sequences (attention depends on each real length), so
         # each rank counts its own and they ride along in the step's single reduction.
         flops = flops_lib.flops_per_step(self.model_args, seq_lens, training=True,
                                          last_layer_pooled_only=self.model_args.last_layer_pooled_only)
         g_loss, g_rows, g_tokens, g_bad, g_flops = all_reduce_sum(
-            [float(loss_sum), rows, tokens, float(len(bad_rows)), float(flops)], dev)
+            [local_loss, rows, tokens, float(len(bad_rows)), float(flops)], dev)
         if g_bad > 0 or not math.isfinite(g_loss) or not math.isfinite(grad_norm):
             ids = [i for part in all_gather_objects(bad_rows) for i in part]
             self.optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +57,40 @@ def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype) -> st
     return impl
 
 
+@dataclass(frozen=True)
+class SequenceMasks:
+    """The reference backend's mask for one window kind: host sequence bounds and, per sequence,
+    a bool [Lq, n] (True = masked) or None where nothing is masked."""
+
+    bounds: tuple[int, ...]
+    masked: tuple[torch.Tensor | None, ...]
+    pooled: bool  # one query per sequence (its last token) instead of every token
+
+
+def build_attention_mask(impl: str, cu_seqlens: torch.Tensor, num_tokens: int, window: int | None,
+                         q_rows: torch.Tensor | None = None, bounds: tuple[int, ...] | None = None,
+                         cache: dict | None = None):
+    """The mask one backend needs for one (window, pooled) kind of layer, built once per forward
+    ahead of the layers, outside any compiled region (compiled layers take it as an input, and a
+    checkpointed layer's recompute sees exactly what its forward saw).
+
+    reference -> SequenceMasks (needs the host ``bounds``: cu_seqlens as a tuple of ints);
+    flex -> a flex ``BlockMask``; flash_attn -> None (cu_seqlens is its whole layout)."""
+    if impl == "reference":
+        if bounds is None:
+            bounds = tuple(cu_seqlens.tolist())
+        lq = 1 if q_rows is not None else None
+        masked = tuple(_masked_positions(e - s, lq or e - s, window, cu_seqlens.device, cache)
+                       for s, e in zip(bounds[:-1], bounds[1:]))
+        return SequenceMasks(bounds, masked, q_rows is not None)
+    if impl == "flex":
+        q_len = q_rows.shape[0] if q_rows is not None else num_tokens
+        return _flex_block_mask(cu_seqlens, q_len, num_tokens, window, q_rows, cu_seqlens.device)
+    if impl == "flash_attn":
+        return None
+    raise ValueError(f"unknown attention backend {impl!r}")
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -68,37 +103,47 @@ def varlen_attention(
     window: int | None,
     impl: str,
     q_rows: torch.Tensor | None = None,
-    mask_cache: dict | None = None,
+    mask=None,
 ) -> torch.Tensor:
-    """Dispatch to a backend (impl already resolved). Returns [Tq, H, D]."""
+    """Dispatch to a backend (impl already resolved). Returns [Tq, H, D].
+
+    ``mask`` is ``build_attention_mask``'s result for this layer's kind; built here when omitted
+    (a convenience for direct calls: the model always passes it)."""
+    if mask is None and impl != "flash_attn":
+        mask = build_attention_mask(impl, cu_seqlens, k.shape[0], window, q_rows)
     if impl == "reference":
-        return reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows, mask_cache)
+        return reference_attention(q, k, v, mask, scale, softcap)
     if impl == "flex":
-        return flex_varlen_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows, mask_cache)
+        return flex_varlen_attention(q, k, v, mask, scale, softcap)
     if impl == "flash_attn":
         return flash_varlen_attention(q, k, v, cu_seqlens, max_seq_len, scale, softcap, window, q_rows)
     raise ValueError(f"unknown attention backend {impl!r}")
 
 
-def reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows=None, mask_cache=None):
+# A Python loop over sequences with host bounds: under torch.compile it would unroll and
+# specialise on every packing, so it stays eager (one graph break per layer; the projections,
+# norms and MLP around it still compile). The reference path is the CPU/parity path.
+@torch.compiler.disable
+def reference_attention(q, k, v, mask: SequenceMasks, scale, softcap):
     """Math attention, one sequence at a time: never materialises cross-sequence scores.
-    Scores/softmax in fp32. GQA by grouping query heads per kv head (no repeat_kv copy)."""
+    Scores/softmax in fp32. GQA by grouping query heads per kv head (no repeat_kv copy).
+    q holds every token, or (pooled) one query per sequence: its last token."""
     hkv, d = k.shape[1], k.shape[2]
     g = q.shape[1] // hkv
     # fold the score scale (and 1/softcap) into q: two fewer passes over the [L, L] scores
     q = q * (scale / softcap if softcap else scale)
-    bounds = cu_seqlens.tolist()
+    bounds = mask.bounds
     outs = []
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         n = e - s
-        qs = q[b : b + 1] if q_rows is not None else q[s:e]  # [Lq, H, D]
+        qs = q[b : b + 1] if mask.pooled else q[s:e]  # [Lq, H, D]
         lq = qs.shape[0]
         qs = qs.transpose(0, 1).reshape(hkv, g * lq, d)
         ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)  # [Hkv, n, D]
         scores = (qs @ ks.transpose(1, 2)).float()  # [Hkv, g*Lq, n]
         if softcap:
             scores = torch.tanh(scores) * softcap
-        masked = _masked_positions(n, lq, window, q.device, mask_cache)
+        masked = mask.masked[b]
         if masked is not None:
             scores = scores.view(hkv, g, lq, n).masked_fill(masked, float("-inf")).view(hkv, g * lq, n)
         probs = torch.softmax(scores, dim=-1).to(vs.dtype)
@@ -108,10 +153,10 @@ def reference_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows=None
 
 def _masked_positions(n, lq, window, device, cache=None):
     """Bool [Lq, n], True where query (the last Lq positions of the sequence) must not see the key.
-    Shared by all layers of one forward through `cache` (same lengths, two window kinds)."""
+    Shared across sequences and window kinds of one forward through ``cache``."""
     if lq == 1 and (window is None or window >= n):
         return None  # the last token sees the whole sequence
-    key = ("ref", n, lq, window)
+    key = (n, lq, window)
     if cache is not None and key in cache:
         return cache[key]
     qpos = torch.arange(n - lq, n, device=device)[:, None]
@@ -135,6 +180,7 @@ def _flex_block_mask(cu_seqlens, q_len, kv_len, window, q_rows, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    # output_size: the total is known on the host, so no device sync to size the result
     doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=kv_len)
     q_pos = q_rows if q_rows is not None else torch.arange(kv_len, device=device)
 
@@ -148,7 +194,18 @@ def _flex_block_mask(cu_seqlens, q_len, kv_len, window, q_rows, device):
     return create_block_mask(mask_mod, None, None, q_len, kv_len, device=device, _compile=device.type == "cuda")
 
 
-def flex_varlen_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows=None, mask_cache=None):
+# CPU flex is the inference path: eager (compiling costs ~14 s and recompiles per shape), also
+# inside a compiled layer, where inductor's CPU flex lowering fails on dynamic shapes (torch 2.13).
+@torch.compiler.disable
+def _eager_cpu_flex(*args, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def flex_varlen_attention(q, k, v, block_mask, scale, softcap):
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -156,22 +213,16 @@ def flex_varlen_attention(q, k, v, cu_seqlens, scale, softcap, window, q_rows=No
             "attn_impl='flex' has no backward on CPU (FlexAttention CPU is forward-only); "
             "use attn_impl='reference' for CPU training, or run under torch.no_grad()"
         )
-    # One BlockMask per (window, pooled) per forward: the model passes a fresh dict each step.
-    key = ("flex", window, q_rows is not None)
-    block_mask = None if mask_cache is None else mask_cache.get(key)
-    if block_mask is None:
-        block_mask = _flex_block_mask(cu_seqlens, q.shape[0], k.shape[0], window, q_rows, q.device)
-        if mask_cache is not None:
-            mask_cache[key] = block_mask
 
-    def score_mod(score, b, h, qi, kvi):
+    def score_mod(score, b, h, qi, kvi):  # softcap: a constant (see parallel.apply_compile)
         return softcap * torch.tanh(score / softcap)
 
     if q.is_cuda:
-        fn = _compiled_flex()  # uncompiled flex materialises the scores: a slow reference on GPU
+        # uncompiled flex materialises the scores (a slow reference on GPU); inside a compiled
+        # layer dynamo traces flex_attention itself
+        fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
     else:
-        fn = flex_attention  # eager CPU inference: compiling costs ~14 s and recompiles per shape
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        fn = _eager_cpu_flex
     out = fn(
         q.transpose(0, 1)[None],
         k.transpose(0, 1)[None],

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .args import ModelArgs
-from .attention import resolve_attn_impl, varlen_attention
+from .attention import build_attention_mask, resolve_attn_impl, varlen_attention
 from .rope import apply_rope, apply_rope_te, resolve_rope_impl, rope_cos_sin
 
 
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seq_len, q_rows=None, mask_cache=None):
+    def forward(self, x, cos, sin, cu_seqlens, max_seq_len, attn_mask=None, q_rows=None):
         t = x.shape[0]
         xq = x if q_rows is None else x[q_rows]  # pooled: queries only for the last tokens
         q = self.q_proj(xq).view(xq.shape[0], self.n_heads, self.head_dim)
@@ -94,7 +94,7 @@ class Attention(nn.Module):
             q, k, v,
             cu_seqlens=cu_seqlens, max_seq_len=max_seq_len, scale=self.scale,
             softcap=self.args.attn_logit_softcapping, window=self.window,
-            impl=self.kernels.attn, q_rows=q_rows, mask_cache=mask_cache,
+            impl=self.kernels.attn, q_rows=q_rows, mask=attn_mask,
         )
         return self.o_proj(out.reshape(xq.shape[0], -1))
 
@@ -111,9 +111,10 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps)
 
-    def forward(self, h, cos, sin, cu_seqlens, max_seq_len: int, q_rows=None, mask_cache=None):
-        """h [T, hidden] -> [T, hidden], or [B, hidden] (rows q_rows only) when q_rows is given."""
-        attn = self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache)
+    def forward(self, h, cos, sin, cu_seqlens, max_seq_len: int, attn_mask=None, q_rows=None):
+        """h [T, hidden] -> [T, hidden], or [B, hidden] (rows q_rows only) when q_rows is given.
+        attn_mask: ``build_attention_mask``'s result for this layer's (window, pooled) kind."""
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, cu_seqlens, max_seq_len, attn_mask, q_rows)
         h = (h if q_rows is None else h[q_rows]) + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -191,30 +192,47 @@ class Gemma2Classifier(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Packed row -> fp32 logits [B, num_labels] (and pooled hidden [B, hidden] if return_hidden).
 
-        Takes exactly the collator's ``PackedBatch.inputs``; any other keyword is refused."""
+        Takes exactly the collator's ``PackedBatch.inputs``; any other keyword is refused. With
+        ``max_seq_len`` given (the collator does) and the flex or flash_attn backend, nothing here
+        waits on the device: the masks are built once, ahead of the layers, from device tensors
+        (the reference backend reads cu_seqlens to the host once per forward)."""
         if input_ids.dim() == 2 and input_ids.shape[0] != 1:
             raise ValueError(f"expected one packed row [1, T] or [T], got input_ids {tuple(input_ids.shape)}")
         input_ids, position_ids = input_ids.reshape(-1), position_ids.reshape(-1)
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != input_ids.numel():
-            raise ValueError(f"cu_seqlens must be [B+1] ending at T={input_ids.numel()}, got {cu_seqlens.tolist()}")
+        num_tokens = input_ids.numel()
+        if cu_seqlens.dim() != 1:
+            raise ValueError(f"cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
+        if self.kernels.attn is None:
+            self.select_kernels(input_ids.device)
+        bounds = None  # host copy of cu_seqlens: free on CPU; on a GPU only the reference path takes it
+        if cu_seqlens.device.type == "cpu" or self.kernels.attn == "reference":
+            bounds = tuple(cu_seqlens.tolist())
+            if bounds[-1] != num_tokens:
+                raise ValueError(f"cu_seqlens must be [B+1] ending at T={num_tokens}, got {list(bounds)}")
         if max_seq_len is None:
             max_seq_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         max_seq_len = int(max_seq_len)
         last = (cu_seqlens[1:] - 1).long()
-        if self.kernels.attn is None:
-            self.select_kernels(input_ids.device)
 
         h = self.embed_tokens(input_ids)
-        # normaliser cast to the model dtype first, as in transformers (sqrt(3584) rounds in bf16)
-        h = h * torch.tensor(math.sqrt(self.args.hidden_size), dtype=h.dtype, device=h.device)
+        # normaliser cast to the model dtype first, as in transformers (sqrt(3584) rounds in bf16);
+        # a 0-d host tensor rides along as a kernel argument (no host-to-device copy)
+        h = h * torch.tensor(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
-        mask_cache: dict = {}  # per-forward cache of backend masks (flex BlockMask)
 
         n = len(self.layers)
+        pooled_last = self.args.last_layer_pooled_only and n > 0
+        masks, cache = {}, {}
         for i, layer in enumerate(self.layers):
-            q_rows = last if (self.args.last_layer_pooled_only and i == n - 1) else None
-            h = layer(h, cos, sin, cu_seqlens, max_seq_len, q_rows, mask_cache)
-        if not (self.args.last_layer_pooled_only and n > 0):
+            kind = (layer.self_attn.window, pooled_last and i == n - 1)
+            if kind not in masks:
+                masks[kind] = build_attention_mask(self.kernels.attn, cu_seqlens, num_tokens, kind[0],
+                                                   last if kind[1] else None, bounds, cache)
+        for i, layer in enumerate(self.layers):
+            pooled = pooled_last and i == n - 1
+            h = layer(h, cos, sin, cu_seqlens, max_seq_len, masks[(layer.self_attn.window, pooled)],
+                      last if pooled else None)
+        if not pooled_last:
             h = h[last]
         pooled = self.norm(h)  # RMSNorm is per row: norm(h)[last] == norm(h[last])
         logits = self.head(pooled).float()

@@ -1,0 +1,433 @@
+"""The GPU check: one command that verifies this project's CUDA paths and measures them.
+
+    python -m bench.gpu_check --out OUTDIR [--cpu-selftest] [--only env,train,...]
+    (normally through scripts/gpu-check.sh, which installs the carried wheels first)
+
+Every part runs in a fresh interpreter of its own under a time budget (8 minutes in all on a GPU),
+so a crash, a hang or a CUDA error in one part is reported and the next part still runs. Parts:
+
+  env             torch / CUDA / device / package versions
+  cuda_tests      pytest on every test marked cuda (flex fwd+bwd vs reference, no host sync in a
+                  training step, compiled layers vs eager, bf16 vs fp32, flash-attn / TE when present)
+  parity          flex vs reference attention at Gemma 2 2B widths on arena-length rows, fp32 and
+                  bf16: logits and gradients, max relative error
+  train           the real trainer (torchrun, 1 rank, NCCL, FSDP2): a 2B-shaped bf16 model from
+                  scratch, 16,384-token packed micro-batches, AnyPrecisionAdamW + Kahan, activation
+                  checkpointing, one async DCP save mid-run, then a second run reloads that
+                  checkpoint and replays the following steps (their losses must match)
+  train_compiled  the same run with model.compile=true: tokens/s and MFU, losses vs eager
+  bench           bench.bench_gpu: ours vs transformers (sdpa or eager), 2B- and 9B-shaped
+  lora, planner   rows for LoRA/QLoRA and planned-vs-measured peak memory, once those exist
+
+``--cpu-selftest`` runs the same parts and code paths on CPU with tiny shapes and gloo (what CI
+runs, so the check cannot rot); CUDA-only tests skip there. Results: OUTDIR/gpu-check.json,
+OUTDIR/gpu-check.md (printed at the end) and OUTDIR/gpu-check.log (every part's output).
+Exit status 1 when a part failed or ran out of time, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# The 2B-shaped training runs: Gemma 2 2B (the gemma2_2b preset, from scratch), the recipe's
+# token budget and optimizer, bf16 weights; a few steps only (the first ones compile and warm up).
+GPU_TRAIN = [
+    "model=gemma2_2b", "model.dtype=bfloat16", "model.activation_checkpointing=true",
+    "parallel.param_dtype=bfloat16", "parallel.backend=nccl", "trainer.device=cuda",
+    "data.max_length=4096", "data.max_tokens=16384", "data.global_batch_rows=16", "data.limit_train_rows=256",
+    "data.num_workers=8", "data.loader_workers=2",
+]
+# The same code paths on CPU: tiny fp32 model, gloo.
+CPU_TRAIN = [
+    "+experiment=cpu_demo", "model.hidden_size=32", "model.intermediate_size=64", "model.head_dim=16",
+    "model.query_pre_attn_scalar=16", "parallel.backend=gloo", "trainer.device=cpu", "trainer.num_threads=1",
+    "data.max_length=256", "data.max_tokens=1024", "data.global_batch_rows=8", "data.limit_train_rows=64",
+    "model.compile_backend=aot_eager",
+]
+# One checkpoint only (a 2B model's bf16 weights + AnyPrecision state are ~21 GB; the GPU machine
+# has 64 GiB of disk): the async save at step SAVE_AT overlaps the steps after it.
+COMMON_TRAIN = ["model.head_dropout=0.0", "trainer.eval_every=null", "data.eval_path=null",
+                "logging.progress_bar=false", "checkpoint.keep_last=10", "checkpoint.async_save=true",
+                "checkpoint.at_end=false"]
+TRAIN_STEPS, SAVE_AT = 5, 3  # the reload replays steps 4..5
+
+
+class Part:
+    def __init__(self, name: str, gpu_s: int, cpu_s: int, what: str, fn: Callable[[argparse.Namespace], dict]):
+        self.name, self.gpu_s, self.cpu_s, self.what, self.fn = name, gpu_s, cpu_s, what, fn
+
+
+def _row(metric: str, value: Any, unit: str = "", note: str = "") -> dict:
+    return {"metric": metric, "value": value, "unit": unit, "note": note}
+
+
+def _device(selftest: bool):
+    import torch
+
+    if selftest:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device (torch.cuda.is_available() is False): run with --cpu-selftest on CPU")
+    return torch.device("cuda", 0)
+
+
+# ---- parts -------------------------------------------------------------------------------------
+def part_env(a) -> dict:
+    import torch
+
+    rows = [_row("python", platform.python_version()), _row("torch", torch.__version__),
+            _row("cuda (torch build)", torch.version.cuda or "none")]
+    for pkg in ("triton", "transformers", "peft", "safetensors", "hydra", "omegaconf", "submitit", "wandb", "torchao",
+                "flash_attn", "transformer_engine"):
+        spec = importlib.util.find_spec(pkg)
+        version = "absent"
+        if spec is not None:
+            try:
+                version = getattr(__import__(pkg), "__version__", "present")
+            except Exception as e:  # noqa: BLE001 - a broken install is a finding, not a crash
+                version = f"import fails: {type(e).__name__}"
+        rows.append(_row(pkg, version))
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        rows += [_row("device", p.name), _row("device memory", round(p.total_memory / 2**30, 1), "GiB"),
+                 _row("compute capability", f"{p.major}.{p.minor}"), _row("device count", torch.cuda.device_count())]
+        from trainer.flops import detect_peak_key, peak_flops
+
+        key = detect_peak_key(torch.device("cuda", 0))
+        rows.append(_row("bf16 dense peak used for MFU", peak_flops(key), "FLOP/s", key))
+    else:
+        rows.append(_row("device", "cpu (no CUDA)"))
+    from trainer.model.attention import resolve_attn_impl
+
+    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    rows.append(_row("attention backend for bf16 training (auto)", resolve_attn_impl("auto", dev, torch.bfloat16)))
+    return {"rows": rows}
+
+
+def part_cuda_tests(a) -> dict:
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                   if "pytest.mark.cuda" in p.read_text())
+    xml = Path(a.work) / "cuda-tests.xml"
+    cmd = [PYTHON, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
+    print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n")
+    counts = _junit_counts(xml)
+    failed = counts.pop("failed_names")
+    status = "ok" if proc.returncode in (0, 5) and not failed else "fail"
+    if counts["passed"] == 0 and counts["skipped"] and status == "ok":
+        status = "skipped"
+    rows = [_row("tests passed", counts["passed"]), _row("tests skipped", counts["skipped"]),
+            _row("tests failed", counts["failed"], note="; ".join(failed)[:500]),
+            _row("files", len(files), note=" ".join(files))]
+    return {"status": status, "rows": rows}
+
+
+def _junit_counts(xml: Path) -> dict:
+    import xml.etree.ElementTree as ET
+
+    out = {"passed": 0, "skipped": 0, "failed": 0, "failed_names": []}
+    if not xml.is_file():
+        return out
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        kinds = {child.tag for child in case}
+        if kinds & {"failure", "error"}:
+            out["failed"] += 1
+            out["failed_names"].append(case.get("name"))
+        elif "skipped" in kinds:
+            out["skipped"] += 1
+        else:
+            out["passed"] += 1
+    return out
+
+
+def part_parity(a) -> dict:
+    """flex vs reference on one model and one packed row of arena-like lengths."""
+    import torch
+
+    from bench.bench_gpu import SHAPES
+    from trainer.model import Gemma2Classifier, ModelArgs
+    from trainer.model.testing import pack, randomize_norms
+
+    dev = _device(a.cpu_selftest)
+    cuda = dev.type == "cuda"
+    shape = dict(SHAPES["2b" if cuda else "tiny"], num_hidden_layers=2)
+    lengths = [3000, 700, 1900, 128, 4096, 2500] if cuda else [150, 40, 256, 9, 90]
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        args = ModelArgs(**shape, head="linear", rope_impl="torch", initializer_range=0.02,
+                         last_layer_pooled_only=False)
+        model = Gemma2Classifier(args)
+        randomize_norms(model)
+        model = model.to(dev, dtype)
+        g = torch.Generator().manual_seed(0)
+        batch = pack([torch.randint(1, args.vocab_size, (n,), generator=g) for n in lengths])
+        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+        results = {}
+        for impl in ("reference", "flex"):
+            model.args.attn_impl = impl
+            model.select_kernels()
+            model.zero_grad(set_to_none=True)
+            grad = cuda  # CPU flex is forward-only
+            with torch.set_grad_enabled(grad):
+                logits = model(**batch)
+                if grad:
+                    logits.float().square().sum().backward()
+            grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+            results[impl] = (logits.detach().float(), grads)
+        (ref, ref_g), (out, out_g) = results["reference"], results["flex"]
+        name = str(dtype).replace("torch.", "")
+        rows.append(_row(f"flex vs reference logits, {name}", _rel(out, ref), "max rel err",
+                         f"{len(lengths)} rows, {sum(lengths)} tokens, 2 layers at {'2B' if cuda else 'tiny'} widths"))
+        if ref_g:
+            rows.append(_row(f"flex vs reference grads, {name}", max(_rel(out_g[n], ref_g[n]) for n in ref_g),
+                             "max rel err over parameters"))
+        del model
+    limits = {"float32": 1e-3, "bfloat16": 5e-2}
+    bad = [r for r in rows if not r["value"] <= limits[r["metric"].rsplit(", ", 1)[1]]]
+    return {"status": "fail" if bad else "ok", "rows": rows,
+            "note": f"limits: fp32 {limits['float32']}, bf16 {limits['bfloat16']}"}
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+def _train(a, name: str, extra: list[str], steps: int, save_every: int | None, resume: str | None = None) -> dict:
+    """One launch.train run under torchrun (1 rank); returns its metrics rows and result.json."""
+    run_dir = Path(a.work) / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [*(CPU_TRAIN if a.cpu_selftest else GPU_TRAIN), *COMMON_TRAIN, *extra, f"trainer.max_steps={steps}",
+                 f"checkpoint.every_steps={save_every if save_every else 'null'}", f"trainer.run_dir={run_dir}",
+                 f"trainer.resume={resume or 'never'}"]
+    from trainer.distributed import free_port
+
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "-m", "launch.train", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if a.cpu_selftest else "8", "WANDB_MODE": "disabled"}
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    print(proc.stdout[-20000:], proc.stderr[-20000:], sep="\n", flush=True)
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
+        raise RuntimeError(f"{name}: launch.train exited {proc.returncode}: {' | '.join(tail)[:400]}")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps_rows = [r for r in metrics if "loss_step" in r]
+    return {"run_dir": run_dir, "steps": steps_rows, "wall_s": wall, "log": proc.stdout + proc.stderr,
+            "result": json.loads((run_dir / "result.json").read_text())}
+
+
+def _throughput_rows(label: str, steps: list[dict], skip: int, cuda: bool) -> list[dict]:
+    timed = steps[skip:] or steps[-1:]
+    med = lambda k: statistics.median(r[k] for r in timed if r.get(k) is not None)  # noqa: E731
+    rows = [_row(f"{label}: tokens/s/GPU", round(med("tokens_per_s_per_device"), 1), "real tok/s",
+                 f"median of steps {timed[0]['step']}..{timed[-1]['step']}"),
+            _row(f"{label}: step time", round(med("step_time"), 3), "s"),
+            _row(f"{label}: first step (compile, warm-up)", round(steps[0]["step_time"], 2), "s")]
+    if any(r.get("mfu") is not None for r in timed):
+        rows.append(_row(f"{label}: MFU", round(med("mfu"), 4), "model FLOPs / bf16 peak"))
+    rows.append(_row(f"{label}: peak memory", round(max(r.get("peak_mem_gb") or 0 for r in steps), 2), "GiB",
+                     "torch.cuda.max_memory_allocated" if cuda else "CPU: the process's peak resident set"))
+    return rows
+
+
+def part_train(a) -> dict:
+    run = _train(a, "train", [], TRAIN_STEPS, SAVE_AT)
+    (Path(a.work) / "train-eager-losses.json").write_text(json.dumps([r["loss_step"] for r in run["steps"]]))
+    rows = _throughput_rows("eager", run["steps"], skip=2, cuda=not a.cpu_selftest)
+    rows.append(_row("eager: losses", [round(r["loss_step"], 6) for r in run["steps"]]))
+    saved = sorted(p.name for p in (run["run_dir"] / "checkpoints").glob("step-*"))
+    ckpt = run["run_dir"] / "checkpoints" / f"step-{SAVE_AT:08d}"
+    rows.append(_row("async DCP checkpoints committed", saved))
+    lines = [line for line in run["log"].splitlines() if "checkpoint" in line.lower() and "sav" in line.lower()]
+    rows.append(_row("checkpoint log", lines[-1][-200:] if lines else "none"))
+    # reload: a fresh process resumes from the mid-run checkpoint and replays the next steps
+    again = _train(a, "train-resumed", [], TRAIN_STEPS, None, resume=str(ckpt))
+    first = {r["step"]: r["loss_step"] for r in run["steps"]}
+    replay = {r["step"]: r["loss_step"] for r in again["steps"]}
+    diffs = [abs(replay[s] - first[s]) for s in replay if s in first]
+    ok_resume = sorted(replay) == list(range(SAVE_AT + 1, TRAIN_STEPS + 1))
+    rows.append(_row("reload: resumed steps", sorted(replay)))
+    rows.append(_row("reload: max |loss diff| vs the uninterrupted run", max(diffs) if diffs else None, "",
+                     "bitwise equal" if diffs and max(diffs) == 0 else "not bitwise"))
+    finite = all(math.isfinite(r["loss_step"]) for r in run["steps"] + again["steps"])
+    status = "ok" if ok_resume and finite and diffs and max(diffs) <= 1e-3 else "fail"
+    return {"status": status, "rows": rows}
+
+
+def part_train_compiled(a) -> dict:
+    run = _train(a, "train-compiled", ["model.compile=true"], TRAIN_STEPS, None)
+    rows = _throughput_rows("compiled", run["steps"], skip=2, cuda=not a.cpu_selftest)
+    losses = [r["loss_step"] for r in run["steps"]]
+    rows.append(_row("compiled: losses", [round(x, 6) for x in losses]))
+    eager_file = Path(a.work) / "train-eager-losses.json"
+    status = "ok" if all(map(math.isfinite, losses)) else "fail"
+    if eager_file.is_file():
+        eager = json.loads(eager_file.read_text())
+        diff = max(abs(x - y) for x, y in zip(losses, eager))
+        tol = 1e-5 if a.cpu_selftest else 5e-2  # fp32 on CPU; bf16 kernels fuse differently on GPU
+        rows.append(_row("compiled vs eager: max |loss diff|", diff, "", f"limit {tol}"))
+        status = status if diff <= tol else "fail"
+    else:
+        rows.append(_row("compiled vs eager", None, "", "the eager train part did not finish: no comparison"))
+    return {"status": status, "rows": rows}
+
+
+def _bench(shape: str) -> Callable[[argparse.Namespace], dict]:
+    def part(a) -> dict:
+        import torch
+
+        from bench import bench_gpu
+
+        if a.cpu_selftest:  # bench_gpu's own CPU dry run: the same code at tiny widths, 2 steps
+            if shape != "2b":
+                return {"status": "skipped", "rows": [], "note": "the CPU self-test runs one (tiny) shape"}
+            out = bench_gpu.bench_shape("tiny", "smoke", "reference", torch.device("cpu"))
+        else:
+            out = bench_gpu.run(quick=True, configs=shape)
+        return _bench_rows(out)
+
+    return part
+
+
+def _bench_rows(out: list[dict]) -> dict:
+    rows = [_row(r["name"], r.get("ours"), r.get("unit", ""),
+                 f"alternative {r.get('alternative')}, ratio {r.get('ratio')}; {r.get('note', '')}".strip("; "))
+            for r in out]
+    return {"status": "fail" if any(r.get("status") == "error" for r in out) else "ok", "rows": rows}
+
+
+def _not_yet(module: str, issue: str) -> Callable[[argparse.Namespace], dict]:
+    def part(a) -> dict:
+        if importlib.util.find_spec(module) is None:
+            return {"status": "not available", "rows": [], "note": f"{module} does not exist yet ({issue})"}
+        raise RuntimeError(f"{module} exists: give the GPU check its part ({issue})")
+
+    return part
+
+
+PARTS = [
+    # GPU budgets add up to 8 minutes; the parts run in this order, the most telling first.
+    Part("env", 15, 15, "versions and device", part_env),
+    Part("cuda_tests", 70, 25, "pytest -m cuda", part_cuda_tests),
+    Part("parity", 30, 15, "flex vs reference, fp32 and bf16", part_parity),
+    Part("train", 140, 40, "2B-shaped bf16, FSDP2 on 1-rank NCCL, async DCP save + reload", part_train),
+    Part("train_compiled", 110, 45, "the same with model.compile=true", part_train_compiled),
+    Part("bench_2b", 75, 20, "2B-shaped: ours vs transformers (bench.bench_gpu)", _bench("2b")),
+    Part("bench_9b", 40, 5, "9B widths, 8 layers: ours vs transformers", _bench("9b")),
+    Part("lora", 0, 0, "LoRA / QLoRA rows", _not_yet("trainer.lora", "issue 14")),
+    Part("planner", 0, 0, "planned vs measured peak memory", _not_yet("trainer.planner", "issue 15")),
+]
+
+
+# ---- driver ------------------------------------------------------------------------------------
+def run_part(a) -> None:
+    """In the child: run one part, write its result as JSON."""
+    part = next(p for p in PARTS if p.name == a.part)
+    try:
+        res = part.fn(a)
+        res.setdefault("status", "ok")
+    except Exception as e:  # noqa: BLE001 - reported, the parent goes on
+        traceback.print_exc()
+        res = {"status": "fail", "rows": [], "note": f"{type(e).__name__}: {e}"[:600]}
+    Path(a.result).write_text(json.dumps(res, default=str))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="gpu-check-out", help="folder for gpu-check.{json,md,log}")
+    p.add_argument("--cpu-selftest", action="store_true", help="the same parts on CPU, tiny shapes, gloo")
+    p.add_argument("--only", default="", help="comma-separated part names (default: all)")
+    p.add_argument("--part", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.part:
+        run_part(a)
+        return 0
+
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    unknown = only - {p.name for p in PARTS}
+    if unknown:
+        p.error(f"unknown part(s) {sorted(unknown)}; parts: {[x.name for x in PARTS]}")
+    mode = "cpu-selftest" if a.cpu_selftest else "gpu"
+    log_path = out / "gpu-check.log"
+    results, t_all = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work, log_path.open("w") as log:
+        for part in PARTS:
+            if only and part.name not in only:
+                continue
+            budget = part.cpu_s if a.cpu_selftest else part.gpu_s
+            result_file = Path(work) / f"{part.name}.json"
+            cmd = [PYTHON, "-m", "bench.gpu_check", "--part", part.name, "--result", str(result_file), "--work", work,
+                   *(["--cpu-selftest"] if a.cpu_selftest else [])]
+            log.write(f"\n===== {part.name} ({part.what}); budget {budget} s\n")
+            log.flush()
+            t0 = time.perf_counter()
+            try:
+                # its own session: a timeout kills the part and every process it started (torchrun)
+                proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                proc.wait(timeout=max(budget, 5))
+                res = json.loads(result_file.read_text()) if result_file.is_file() else {
+                    "status": "fail", "rows": [], "note": f"the part exited {proc.returncode} without a result"}
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                res = {"status": "timeout", "rows": [], "note": f"over its budget of {budget} s: killed"}
+            res.update(part=part.name, what=part.what, budget_s=budget, elapsed_s=round(time.perf_counter() - t0, 1))
+            results.append(res)
+            print(f"[gpu-check] {part.name}: {res['status']} in {res['elapsed_s']} s (budget {budget} s)"
+                  + (f" - {res['note']}" if res.get("note") else ""), flush=True)
+    report = {"mode": mode, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "host": platform.node(), "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+              "elapsed_s": round(time.perf_counter() - t_all, 1), "parts": results}
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=1, default=str))
+    table = markdown(report)
+    (out / "gpu-check.md").write_text(table)
+    print(table)
+    return 1 if any(r["status"] in ("fail", "timeout") for r in results) else 0
+
+
+def markdown(report: dict) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"GPU check ({report['mode']}), {report['date']}, {report['elapsed_s']} s", "",
+             "| part | status | metric | value | unit | note |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in report["parts"]:
+        head = f"| {r['part']} | {r['status']} ({r['elapsed_s']} s) "
+        if not r["rows"]:
+            lines.append(head + f"| | | | {cell(r.get('note', ''))} |")
+        for i, row in enumerate(r["rows"]):
+            lines.append((head if i == 0 else "| | ") + f"| {cell(row['metric'])} | {cell(row['value'])} | "
+                         f"{cell(row['unit'])} | {cell(row['note'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

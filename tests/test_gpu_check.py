@@ -1,0 +1,89 @@
+"""The GPU check cannot rot: its CPU self-test runs every part's code path here, a failing part
+does not stop the others, and the carried wheels install without an index."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _report(out: Path) -> dict:
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert (out / "gpu-check.md").read_text().startswith(f"GPU check ({report['mode']})")
+    assert (out / "gpu-check.log").stat().st_size > 0
+    return report
+
+
+@pytest.mark.slow
+def test_cpu_selftest_runs_every_part_in_under_two_minutes(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "scripts/gpu-check.sh", "--cpu-selftest", str(out)], cwd=REPO, text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    report = _report(out)
+    assert report["mode"] == "cpu-selftest" and report["elapsed_s"] < 120, report["elapsed_s"]
+    parts = {p["part"]: p for p in report["parts"]}
+    assert list(parts) == ["env", "cuda_tests", "parity", "train", "train_compiled", "bench_2b", "bench_9b", "lora",
+                           "planner"]
+    assert {p: parts[p]["status"] for p in ("env", "parity", "train", "train_compiled", "bench_2b")} == dict.fromkeys(
+        ("env", "parity", "train", "train_compiled", "bench_2b"), "ok")
+    assert parts["cuda_tests"]["status"] == "skipped"  # collected and skipped cleanly without CUDA
+    rows = {r["metric"]: r for p in report["parts"] for r in p["rows"]}
+    assert rows["tests skipped"]["value"] > 0 and rows["tests failed"]["value"] == 0
+    assert rows["flex vs reference logits, float32"]["value"] < 1e-5
+    # the async save at step 3 committed, and a fresh process replayed steps 4-5 bitwise
+    assert rows["async DCP checkpoints committed"]["value"] == ["step-00000003"]
+    assert rows["reload: resumed steps"]["value"] == [4, 5]
+    assert rows["reload: max |loss diff| vs the uninterrupted run"]["value"] == 0
+    assert rows["compiled vs eager: max |loss diff|"]["value"] < 1e-5
+    assert rows["eager: tokens/s/GPU"]["value"] > 0 and rows["compiled: tokens/s/GPU"]["value"] > 0
+    assert "| train | ok" in proc.stdout  # the table is printed
+
+
+def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
+    # GPU mode on a machine without CUDA: parity fails (no device), env and lora still report.
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out), "--only", "env,parity,lora"],
+                          cwd=REPO, text=True, capture_output=True, timeout=200)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    parts = {p["part"]: p for p in _report(out)["parts"]}
+    assert [parts[p]["status"] for p in ("env", "parity", "lora")] == ["ok", "fail", "not available"]
+    assert "no CUDA device" in parts["parity"]["note"]
+    assert any(r["metric"] == "torch" for r in parts["env"]["rows"])
+    assert "[gpu-check] parity: fail" in proc.stdout and "| lora | not available" in proc.stdout
+
+
+def test_unknown_part_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--only", "trian"],
+                          cwd=REPO, text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and "unknown part(s) ['trian']" in proc.stderr
+
+
+@pytest.mark.slow
+def test_carried_wheels_are_pure_python_and_install_without_an_index(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu-wheels.sh"], cwd=REPO, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheels = sorted((REPO / ".whl").glob("*.whl"))
+    names = [w.name.split("-")[0].lower() for w in wheels]
+    assert names == ["antlr4_python3_runtime", "hydra_core", "omegaconf", "submitit"]  # one version of each
+    assert all(w.name.endswith("-py3-none-any.whl") for w in wheels)
+    assert sum(w.stat().st_size for w in wheels) < 2 * 2**20
+    for w in wheels:
+        zipfile.ZipFile(w).testzip()
+    assert (REPO / ".whl/shared/fixtures/gemma2-tokenizer/tokenizer.model").is_file()
+    assert sum(f.stat().st_size for f in (REPO / ".whl").rglob("*") if f.is_file()) < 32 * 2**20
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
+                    *map(str, wheels)], check=True, timeout=120)
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import hydra, omegaconf, antlr4, submitit; "
+             "print(hydra.__file__, omegaconf.__file__, submitit.__file__, hydra.__version__, omegaconf.__version__)")
+    out = subprocess.run([sys.executable, "-c", probe, str(site)], check=True, text=True, capture_output=True).stdout
+    assert out.count(str(site)) == 3, out
+    assert "1.3.8 2.3.1" in out
