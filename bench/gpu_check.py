@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -95,16 +97,18 @@ def part_env(a) -> dict:
 
     rows = [_row("python", platform.python_version()), _row("torch", torch.__version__),
             _row("cuda (torch build)", torch.version.cuda or "none")]
-    for pkg in ("triton", "transformers", "peft", "safetensors", "hydra", "omegaconf", "submitit", "wandb", "torchao",
-                "flash_attn", "transformer_engine"):
-        spec = importlib.util.find_spec(pkg)
-        version = "absent"
-        if spec is not None:
-            try:
-                version = getattr(__import__(pkg), "__version__", "present")
-            except Exception as e:  # noqa: BLE001 - a broken install is a finding, not a crash
-                version = f"import fails: {type(e).__name__}"
-        rows.append(_row(pkg, version))
+    # versions from the installed metadata: importing each (peft pulls transformers, ...) is slow
+    for dist in ("triton", "transformers", "peft", "safetensors", "tokenizers", "protobuf", "hydra-core", "omegaconf",
+                 "submitit", "wandb", "torchao", "flash-attn", "transformer-engine"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        rows.append(_row(dist, version))
+    from trainer.model.attention import flash_attn_available
+    from trainer.model.rope import te_available
+
+    rows += [_row("flash-attn importable", flash_attn_available()), _row("transformer-engine importable", te_available())]
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         rows += [_row("device", p.name), _row("device memory", round(p.total_memory / 2**30, 1), "GiB"),
@@ -229,12 +233,23 @@ def _train(a, name: str, extra: list[str], steps: int, save_every: int | None, r
     wall = time.perf_counter() - t0
     print(proc.stdout[-20000:], proc.stderr[-20000:], sep="\n", flush=True)
     if proc.returncode != 0:
-        tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
-        raise RuntimeError(f"{name}: launch.train exited {proc.returncode}: {' | '.join(tail)[:400]}")
+        raise RuntimeError(f"{name}: launch.train exited {proc.returncode}: {_failure_line(proc.stdout + proc.stderr)}")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps_rows = [r for r in metrics if "loss_step" in r]
     return {"run_dir": run_dir, "steps": steps_rows, "wall_s": wall, "log": proc.stdout + proc.stderr,
             "result": json.loads((run_dir / "result.json").read_text())}
+
+
+def _failure_line(output: str) -> str:
+    """The line that says why a run failed: our one-line `error: ...`, else the last exception line
+    of a rank's traceback (torchrun's own ChildFailedError summary says nothing)."""
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line).strip() for line in output.splitlines()]
+    for line in lines:
+        if line.startswith("error: "):
+            return line[:400]
+    exc = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*", line)
+           and "ChildFailedError" not in line]
+    return (exc[-1] if exc else next((x for x in reversed(lines) if x), "no output"))[:400]
 
 
 def _throughput_rows(label: str, steps: list[dict], skip: int, cuda: bool) -> list[dict]:
@@ -328,10 +343,10 @@ def _not_yet(module: str, issue: str) -> Callable[[argparse.Namespace], dict]:
 
 PARTS = [
     # GPU budgets add up to 8 minutes; the parts run in this order, the most telling first.
-    Part("env", 15, 15, "versions and device", part_env),
+    Part("env", 20, 20, "versions and device", part_env),
     Part("cuda_tests", 70, 25, "pytest -m cuda", part_cuda_tests),
     Part("parity", 30, 15, "flex vs reference, fp32 and bf16", part_parity),
-    Part("train", 140, 40, "2B-shaped bf16, FSDP2 on 1-rank NCCL, async DCP save + reload", part_train),
+    Part("train", 135, 40, "2B-shaped bf16, FSDP2 on 1-rank NCCL, async DCP save + reload", part_train),
     Part("train_compiled", 110, 45, "the same with model.compile=true", part_train_compiled),
     Part("bench_2b", 75, 20, "2B-shaped: ours vs transformers (bench.bench_gpu)", _bench("2b")),
     Part("bench_9b", 40, 5, "9B widths, 8 layers: ours vs transformers", _bench("9b")),
