@@ -62,10 +62,25 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
     assert "[gpu-check] parity: fail" in proc.stdout and "| lora | not available" in proc.stdout
 
 
+def test_a_part_over_its_budget_is_killed_and_reported(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-selftest", "--out", str(out),
+                           "--only", "parity,lora", "--budget", "parity=1"], cwd=REPO, text=True, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    parts = {p["part"]: p for p in _report(out)["parts"]}
+    assert parts["parity"]["status"] == "timeout" and parts["parity"]["budget_s"] == 1
+    assert parts["parity"]["elapsed_s"] < 10  # killed at its budget, not left to finish
+    assert parts["lora"]["status"] == "not available"
+
+
 def test_unknown_part_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--only", "trian"],
                           cwd=REPO, text=True, capture_output=True, timeout=60)
     assert proc.returncode == 2 and "unknown part(s) ['trian']" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--budget", "train:200"],
+                          cwd=REPO, text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and "expected PART=SECONDS" in proc.stderr
 
 
 @pytest.mark.slow

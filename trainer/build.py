@@ -121,7 +121,11 @@ def build_model(cfg: DictConfig, task: Task, info: DistInfo, mesh) -> tuple[Gemm
     dtype = to_dtype(mcfg.dtype)
     full_state: dict[str, torch.Tensor] | None = None
     if not mcfg.name_or_path:
-        model = Gemma2Classifier(args).to(dtype).to(info.device)
+        # From scratch on a GPU: initialise there (a CPU pass over every weight of a 2B model takes
+        # tens of seconds). Every rank draws the same weights: same seed, same device type.
+        with torch.device("cuda" if info.device.type == "cuda" else "cpu"):
+            model = Gemma2Classifier(args)
+        model = model.to(dtype).to(info.device)
     elif info.world_size == 1:
         model = _load_pretrained(mcfg, task, info.device)
     elif info.is_main:
