@@ -108,7 +108,8 @@ def part_env(a) -> dict:
     from trainer.model.attention import flash_attn_available
     from trainer.model.rope import te_available
 
-    rows += [_row("flash-attn importable", flash_attn_available()), _row("transformer-engine importable", te_available())]
+    rows += [_row("flash-attn importable", flash_attn_available()),
+             _row("transformer-engine importable", te_available())]
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         rows += [_row("device", p.name), _row("device memory", round(p.total_memory / 2**30, 1), "GiB"),
