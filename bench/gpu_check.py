@@ -105,7 +105,7 @@ def part_env(a) -> dict:
         except importlib.metadata.PackageNotFoundError:
             version = "absent"
         rows.append(_row(dist, version))
-    from trainer.model.attention import flash_attn_available
+    from trainer.model.attention import flash_attn_available, resolve_attn_impl
     from trainer.model.rope import te_available
 
     rows += [_row("flash-attn importable", flash_attn_available()),
@@ -120,8 +120,6 @@ def part_env(a) -> dict:
         rows.append(_row("bf16 dense peak used for MFU", peak_flops(key), "FLOP/s", key))
     else:
         rows.append(_row("device", "cpu (no CUDA)"))
-    from trainer.model.attention import resolve_attn_impl
-
     dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     rows.append(_row("attention backend for bf16 training (auto)", resolve_attn_impl("auto", dev, torch.bfloat16)))
     return {"rows": rows}
@@ -172,6 +170,7 @@ def part_parity(a) -> dict:
 
     dev = _device(a.cpu_selftest)
     cuda = dev.type == "cuda"
+    grad = cuda  # CPU flex is forward-only
     shape = dict(SHAPES["2b" if cuda else "tiny"], num_hidden_layers=2)
     lengths = [3000, 700, 1900, 128, 4096, 2500] if cuda else [150, 40, 256, 9, 90]
     rows = []
@@ -190,7 +189,6 @@ def part_parity(a) -> dict:
             model.args.attn_impl = impl
             model.select_kernels()
             model.zero_grad(set_to_none=True)
-            grad = cuda  # CPU flex is forward-only
             with torch.set_grad_enabled(grad):
                 logits = model(**batch)
                 if grad:
@@ -216,7 +214,7 @@ def _rel(a, b) -> float:
 
 
 def _train(a, name: str, extra: list[str], steps: int, save_every: int | None, resume: str | None = None) -> dict:
-    """One launch.train run under torchrun (1 rank); returns its metrics rows and result.json."""
+    """One launch.train run under torchrun (1 rank): its run dir, logged step rows and output."""
     run_dir = Path(a.work) / name
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [*(CPU_TRAIN if a.cpu_selftest else GPU_TRAIN), *COMMON_TRAIN, *extra, f"trainer.max_steps={steps}",
@@ -228,16 +226,14 @@ def _train(a, name: str, extra: list[str], steps: int, save_every: int | None, r
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "-m", "launch.train", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if a.cpu_selftest else "8", "WANDB_MODE": "disabled"}
     print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
-    wall = time.perf_counter() - t0
     print(proc.stdout[-20000:], proc.stderr[-20000:], sep="\n", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: launch.train exited {proc.returncode}: {_failure_line(proc.stdout + proc.stderr)}")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps_rows = [r for r in metrics if "loss_step" in r]
-    return {"run_dir": run_dir, "steps": steps_rows, "wall_s": wall, "log": proc.stdout + proc.stderr,
-            "result": json.loads((run_dir / "result.json").read_text())}
+    from trainer.tracking import METRICS_FILE
+
+    metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    return {"run_dir": run_dir, "steps": [r for r in metrics if "loss_step" in r], "log": proc.stdout + proc.stderr}
 
 
 def _failure_line(output: str) -> str:
