@@ -28,9 +28,21 @@ def _main(argv: list[str]):
         return None
     from trainer.train import run
 
-    result = run(cfg)
+    result = run(cfg, command=command_line(overrides))
     _report(result)
     return result
+
+
+def command_line(overrides: list[str]) -> str:
+    """This run's launch command as the user would type it (recorded in checkpoints, shown in
+    model cards)."""
+    import shlex
+
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    prefix = "python -m launch.train"
+    if world > 1:
+        prefix = f"torchrun --nnodes={max(world // max(local, 1), 1)} --nproc_per_node={local} -m launch.train"
+    return " ".join([prefix, *(shlex.quote(o) for o in overrides)])
 
 
 def _report(result) -> None:

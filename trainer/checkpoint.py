@@ -4,7 +4,8 @@ Layout of ``<run_dir>/checkpoints``::
 
     step-00000010/          a committed checkpoint
         .metadata           DCP metadata (written last by DCP's coordinator)
-        __0_0.distcp ...    one file per rank: its shards of model + optimizer + its RNG
+        __0_0.distcp ...    one file per rank: its shards of the trainable model tensors
+                            (all of them, or an adapter run's adapters + head) + optimizer + RNG
         trainer_state.json  step and the caller's metadata (config, architecture, task), the
                             ``state_dict()`` of every non-tensor Stateful handed to save()
                             under "state" (sampler, loss buffer, scheduler, counters, logger),
@@ -47,6 +48,9 @@ from .errors import CheckpointError
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Only what trains is saved: an adapter run's frozen base is re-read from its source (and its
+# fingerprint checked); a full fine-tune has nothing frozen, so this changes nothing there.
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 STATE_FILE = "trainer_state.json"
 FORMAT = 2
 
@@ -223,7 +227,7 @@ class Checkpointer:
             if final.exists():  # re-saving the same step (e.g. end after a periodic save)
                 shutil.rmtree(final)
         barrier()
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=TRAINABLE)
         state = {"model": msd, "optim": osd, _rng_key(self.rank): _rng_state(self.device)}
         if self.async_save:
             from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
@@ -317,7 +321,7 @@ class Checkpointer:
         missing = [name for name in states if name not in trainer_state["state"]]
         if missing:
             raise CheckpointError(f"{path}: {STATE_FILE} has no state for {missing}")
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=TRAINABLE)
         state: dict[str, Any] = {"model": msd, "optim": osd}
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         has_rng = _rng_key(self.rank) in saved
@@ -326,8 +330,14 @@ class Checkpointer:
             meta = saved[_rng_key(self.rank)]
             state[_rng_key(self.rank)] = torch.empty(meta.size, dtype=meta.properties.dtype)
         dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(strict=True))
+        # strict=False only lets the frozen tensors (not saved) be absent; anything else is checked
+        result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                                options=StateDictOptions(strict=False, ignore_frozen_params=True))
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        missing = sorted(set(getattr(result, "missing_keys", ())) - frozen)
+        if missing or getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{path}: the checkpoint does not match the model: missing {missing[:5]}, "
+                                  f"unexpected {list(result.unexpected_keys)[:5]}")
         if has_rng:
             _set_rng_state(state[_rng_key(self.rank)], self.device)
         else:

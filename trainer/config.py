@@ -19,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
+from .adapters.lora import ADAPTERS, TARGETS
+from .adapters.nf4 import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from .model.args import ATTN_IMPLS, HEADS, ROPE_IMPLS, ModelArgs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,22 @@ def _register_resolvers() -> None:
     # `${project_root:}` lets defaults point at ../shared independent of the working directory.
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+
+@dataclass
+class AdapterConfig:
+    """Config group model/adapter: none (full fine-tuning) | lora | qlora (LoRA over an NF4 base)."""
+
+    name: str = "none"
+    rank: int = 16
+    alpha: Optional[float] = None  # null = 2 x rank
+    dropout: float = 0.05
+    # PEFT's module names; default every decoder linear.
+    target_modules: list[str] = field(default_factory=lambda: list(TARGETS))
+    use_rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+    # qlora: weights per absmax scale, and scales per double-quantisation block (QLoRA's 64 / 256).
+    nf4_block_size: int = BLOCK_SIZE
+    nf4_scaler_block_size: int = SCALER_BLOCK_SIZE
 
 
 @dataclass
@@ -52,6 +70,7 @@ class ModelConfig(ModelArgs):
     # torch.compile backend: inductor (the fast one); aot_eager traces the same graphs (dynamo +
     # AOTAutograd, graph breaks, guards) without generating kernels, for cheap CPU checks.
     compile_backend: str = "inductor"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 @dataclass
@@ -196,6 +215,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_impl": ATTN_IMPLS,
     "model.rope_impl": ROPE_IMPLS,
     "model.dtype": ("float32", "bfloat16"),
+    "model.adapter.name": ADAPTERS,
     "model.compile_backend": ("inductor", "aot_eager", "eager"),
     "data.on_bad_row": ("error", "skip"),
     "data.prompt_layout": ("interleaved", "sequential"),
@@ -292,9 +312,28 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'data.swap_ab' = true: task {d.task} has no A/B swap (set data.swap_ab=false)")
     if d.class_names is not None and d.task != "text_classification":
         raise ConfigError(f"config key 'data.class_names' is for data/task=text_classification (task is {d.task})")
+    _validate_adapter(m.adapter)
     if m.query_pre_attn_scalar is None and not m.name_or_path:
         raise ConfigError("config key 'model.query_pre_attn_scalar' = null means 'keep the checkpoint's value' and "
                           "needs model.name_or_path; set a number to train from scratch")
+
+
+def _validate_adapter(a: DictConfig) -> None:
+    if a.name == "none":
+        return
+    if a.rank <= 0:
+        raise ConfigError(f"config key 'model.adapter.rank' must be > 0, got {a.rank}")
+    if a.alpha is not None and a.alpha <= 0:
+        raise ConfigError(f"config key 'model.adapter.alpha' must be > 0 or null (= 2 x rank), got {a.alpha}")
+    if not 0.0 <= a.dropout < 1.0:
+        raise ConfigError(f"config key 'model.adapter.dropout' must be in [0, 1), got {a.dropout}")
+    unknown = [t for t in a.target_modules if t not in TARGETS]
+    if unknown or not a.target_modules:
+        raise ConfigError(f"config key 'model.adapter.target_modules' = {list(a.target_modules)}: expected a non-empty "
+                          f"subset of {list(TARGETS)}")
+    for key in ("nf4_block_size", "nf4_scaler_block_size"):
+        if a[key] <= 0:
+            raise ConfigError(f"config key 'model.adapter.{key}' must be > 0, got {a[key]}")
 
 
 _NOISE = re.compile(r"^\s*(reference_type|object_type|provider)=|^Config search path|^To append to your config|"

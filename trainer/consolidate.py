@@ -1,14 +1,20 @@
-"""A training checkpoint as one plain (unsharded) model on one process, for export and predict.
+"""A training checkpoint (or an export) as one plain (unsharded) model on one process, for
+export and predict.
 
 DCP reshards on load, so a checkpoint written by N ranks loads on one CPU process without a
 process group. The run's resolved config, its task (class names) and its model's full
 architecture travel inside the checkpoint (trainer_state.json), so only the path is needed;
 key=value overrides may change inference-time settings (attention backend, data paths) but
 not what was trained (see trainer/build.py: load_for_inference).
+
+An export directory (``launch.export``: its ``arena_trainer.json`` holds the same records) opens
+the same way: a PEFT adapter over its base (``model.name_or_path=`` may point at a moved copy;
+the fingerprint must match), or merged / fully fine-tuned weights in transformers' layout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,8 @@ from .model import Gemma2Classifier
 from .tasks import Task, build_task, task_from_record
 
 log = logging.getLogger(__name__)
+
+EXPORT_RECORD = "arena_trainer.json"  # written by launch.export beside the weights
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -83,8 +91,55 @@ class TrainedRun:
         return load_for_inference(self.checkpoint, self.state, self.cfg, self.task, self.overrides, device)
 
 
+class ExportedModel(TrainedRun):
+    """An export directory: ``checkpoint`` is the directory, ``state`` its arena_trainer.json."""
+
+    def load_model(self, device: torch.device | str = "cpu") -> Gemma2Classifier:
+        from dataclasses import replace
+
+        from .adapters.peft_format import load_adapter_weights, read_adapter_config
+        from .build import adapter_model, recorded_args, recorded_spec
+        from .dtypes import to_dtype
+        from .model.hf_io import load_pretrained
+
+        where, record = str(self.checkpoint), self.state["model"]
+        args = recorded_args({"model": record}, self.cfg, self.task, self.overrides, where)
+        if self.state.get("kind") == "adapter":
+            spec, _ = read_adapter_config(self.checkpoint)  # what the files say; NF4 from the run's record
+            spec = replace(recorded_spec(record), **{k: getattr(spec, k) for k in
+                                                      ("rank", "alpha", "dropout", "target_modules", "use_rslora")})
+            model = adapter_model(record, args, self.cfg, where, device, spec)
+            load_adapter_weights(model, self.checkpoint)
+        else:
+            runtime = {k: getattr(args, k) for k in ("attn_impl", "rope_impl", "last_layer_pooled_only")}
+            model = load_pretrained(self.checkpoint, head=args.head, dtype=to_dtype(self.cfg.model.dtype),
+                                    device=device, **runtime)
+        model.select_kernels(device, to_dtype(self.cfg.model.dtype))
+        return model.eval()
+
+
+def open_export(path: Path, overrides: list[str] | None = None) -> ExportedModel:
+    """An export directory with its training config (the tokenizer: the copy inside it) and task."""
+    try:
+        state = json.loads((path / EXPORT_RECORD).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / EXPORT_RECORD}: unreadable ({e})") from e
+    if not state.get("config") or not state.get("model"):
+        raise CheckpointError(f"{path}: exported before exports recorded their training config; score the run "
+                              "directory instead (checkpoint=runs/NAME)")
+    overrides = list(overrides or [])
+    if not any(o.lstrip("+").startswith("data.tokenizer_path=") for o in overrides):
+        overrides.insert(0, f"data.tokenizer_path={path}")
+    cfg = checkpoint_config(path, overrides, state)
+    return ExportedModel(path, state, cfg, checkpoint_task(path, cfg, state), overrides)
+
+
 def open_trained(checkpoint: str | Path, overrides: list[str] | None = None) -> TrainedRun:
-    """A run directory or checkpoint directory, resolved and verified, with its config and task."""
+    """A run directory or checkpoint directory, resolved and verified, with its config and
+    task; or an export directory (see ``open_export``)."""
+    path = Path(checkpoint).expanduser()
+    if (path / EXPORT_RECORD).is_file():
+        return open_export(path, overrides)
     ckpt = resolve_checkpoint(checkpoint)
     state = verify_checkpoint(ckpt)
     cfg = checkpoint_config(ckpt, overrides, state)

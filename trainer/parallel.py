@@ -19,8 +19,10 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from .adapters import nf4
 from .distributed import DistInfo
 from .dtypes import DTYPES
+from .errors import ConfigError
 
 
 def build_mesh(info: DistInfo, dp_replicate: int) -> DeviceMesh:
@@ -87,6 +89,14 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str = "float
                          "host memory (set parallel.cpu_offload=false)")
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     common = dict(mesh=mesh, mp_policy=mp)
+    quantized = {p for p in model.parameters() if nf4.is_nf4(p)}
+    shards = mesh.size(mesh.ndim - 1)  # the dp_shard dimension (HSDP replicates over the other)
+    if quantized and shards == 1:
+        # Nothing to shard, and FSDP2's one-rank shortcut assumes one all-gather input per
+        # parameter (NF4 has three): the NF4 weights stay plain, unmanaged tensors.
+        common["ignored_params"] = quantized
+    for p in quantized:
+        _check_nf4_shardable(p, shards)
     if cpu_offload:
         common["offload_policy"] = CPUOffloadPolicy()
     n = len(model.layers)
@@ -98,12 +108,23 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, *, param_dtype: str = "float
     return model
 
 
-def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """Bytes of this rank's shards of parameters, gradients and optimizer state."""
+def _check_nf4_shardable(weight: torch.Tensor, shards: int) -> None:
+    """FSDP2 cuts a weight into equal row chunks; an NF4 weight can only be cut where its rows,
+    its scales and its double-quantisation blocks all divide evenly (no padding)."""
+    rows, numel = weight.shape[0], weight.numel()
+    per_factor = weight.block_size * weight.scaler_block_size
+    if shards > 1 and (rows % shards or (numel // per_factor) % shards):
+        raise ConfigError(f"a QLoRA weight of shape {tuple(weight.shape)} cannot be cut into {shards} FSDP shards: "
+                         f"its rows ({rows}) and its {numel // per_factor} scale blocks of {per_factor} values must "
+                         f"divide by {shards} (use another dp_shard size, or a smaller "
+                         "model.adapter.nf4_scaler_block_size)")
 
-    def nbytes(t: torch.Tensor) -> int:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        return local.numel() * local.element_size()
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes of this rank's shards of parameters (NF4 weights at their packed size), gradients
+    and optimizer state."""
+
+    nbytes = nf4.storage_bytes  # what the rank holds (NF4: codes and scales)
 
     params = sum(nbytes(p) for p in model.parameters())
     grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import flops as flops_lib
-from .build import architecture_record, build_model
+from .build import architecture_record, build_model, check_same_base
 from .checkpoint import Checkpointer, Stateful, step_dir_name, verify_checkpoint
 from .config import to_container
 from .data.collate import PackedBatch, Step, VarlenCollator, make_step_loader
@@ -33,7 +33,7 @@ from .errors import CheckpointError
 from .evaluate import evaluate
 from .metrics import LossBuffer
 from .optim import build_optimizer, build_scheduler_from_cfg
-from .parallel import build_mesh
+from .parallel import build_mesh, local_state_bytes
 from .runtime import (DONE_MARKER, PREEMPTED_MARKER, STOP_FILE, PreemptionWatcher, resolve_run_dir,
                       seed_everything, setup_logging)
 from .tracking import MetricsLogger, progress
@@ -87,8 +87,9 @@ class Trainer:
     resume) and trains it with ``fit()``. ``close()`` releases what it holds (async save,
     wandb run); ``run()`` below does both and tears the process group down."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, command: str | None = None):
         self.cfg = cfg
+        self.command = command  # the launch command, recorded in checkpoints (model cards show it)
         try:
             self._setup(cfg)
         except BaseException:
@@ -130,13 +131,14 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)  # identical init on every rank, whatever happened above
         self.mesh = build_mesh(self.info, cfg.parallel.dp_replicate)
-        self.model, self.model_args = build_model(cfg, self.task, self.info, self.mesh)
+        self.model, self.model_args, self.base = build_model(cfg, self.task, self.info, self.mesh)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler_from_cfg(self.optimizer, cfg.optim, self.total_steps)
         # Dropout streams differ per rank; restored exactly from checkpoints on resume.
         torch.manual_seed(tcfg.seed * 1_000_003 + self.info.rank + 1)
 
         self.progress = TrainProgress()
+        self._state_bytes_logged = False
         self.loss_buffer = LossBuffer(tcfg.loss_buffer_size)
         # Started after a resume has restored its run id: the job continues the same wandb run.
         self.logger = MetricsLogger(self.run_dir, rank=self.info.rank, wandb_cfg=cfg.logging.wandb,
@@ -164,7 +166,8 @@ class Trainer:
 
     def _metadata(self) -> dict[str, Any]:
         return {"seed": self.cfg.trainer.seed, "world_size": self.info.world_size, "config": to_container(self.cfg),
-                "model": architecture_record(self.model_args, self.cfg.model), "task": self.task.record()}
+                "command": self.command,
+                "model": architecture_record(self.model_args, self.cfg.model, self.base), "task": self.task.record()}
 
     def _load(self, path: Path) -> None:
         _refuse_other_run(path, verify_checkpoint(path), self._metadata())  # before DCP meets other shapes
@@ -244,9 +247,21 @@ class Trainer:
                 f"rows with non-finite loss: {ids[:50]}; stopped before the optimizer update (no checkpoint written)")
         self.optimizer.step()
         self.scheduler.step()
+        if not self._state_bytes_logged:  # after this process's first step: optimizer state is lazy
+            self._log_state_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": g_loss / max(g_rows, 1.0), "rows": g_rows, "tokens": g_tokens, "grad_norm": grad_norm,
                 "flops": g_flops}
+
+    def _log_state_bytes(self) -> None:
+        """What each rank holds (parameters, gradients, optimizer state), in one line on rank 0."""
+        self._state_bytes_logged = True
+        per_rank = all_gather_objects(local_state_bytes(self.model, self.optimizer))
+        if self.info.is_main:
+            mib = 2**20
+            log.info("state per rank, MiB (params / grads / optimizer = total): %s", "; ".join(
+                f"rank {r}: {b['params'] / mib:.1f} / {b['grads'] / mib:.1f} / {b['optimizer'] / mib:.1f} = "
+                f"{b['total'] / mib:.1f}" for r, b in enumerate(per_rank)))
 
     # ---- main loop ----------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -365,26 +380,29 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def _refuse_other_run(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
-    """A checkpoint resumes only the run that wrote it: same task (classes) and architecture."""
+    """A checkpoint resumes only the run that wrote it: same task (classes), architecture,
+    adapter and (adapter runs) base model."""
+    check_same_base(path, saved.get("model"), now["model"])
     for key, what in (("task", "task"), ("model", "model")):
         if key not in saved:  # written before these were recorded
             continue
         a, b = saved[key], now[key]
         if key == "model":
-            a, b = a["architecture"], b["architecture"]
+            a = {**a["architecture"], "adapter": a.get("adapter")}
+            b = {**b["architecture"], "adapter": b.get("adapter")}
         if a != b:
             diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
             raise CheckpointError(f"{path} was trained with another {what}: (checkpoint, this run) {diff}; "
                                   "use a new trainer.run_dir, or trainer.resume=never to start over")
 
 
-def run(cfg: DictConfig) -> TrainResult:
+def run(cfg: DictConfig, command: str | None = None) -> TrainResult:
     """Train ``cfg`` to the end (or a stop request); the process group, an in-flight async
-    save and the wandb run are closed whatever happens."""
+    save and the wandb run are closed whatever happens. ``command``: how it was launched."""
     trainer: Trainer | None = None
     ok = False
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, command)
         result = trainer.fit()
         if trainer.info.is_main:
             summary = {"run_dir": str(result.run_dir),
