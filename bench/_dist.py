@@ -37,5 +37,5 @@ def setup_rank(rank: int, world: int, port: int, cfg_dict: dict):
     cfg.parallel.param_dtype = cfg.parallel.reduce_dtype = "float32"
     info = init_distributed("cpu", "gloo")
     torch.manual_seed(0)
-    model, _ = build_model(cfg, ArenaTask(), info, build_mesh(info, 1))
+    model, _, _ = build_model(cfg, ArenaTask(), info, build_mesh(info, 1))
     return info, cfg, model, build_optimizer(model, cfg.optim)

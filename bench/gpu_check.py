@@ -17,7 +17,9 @@ so a crash, a hang or a CUDA error in one part is reported and the next part sti
                   checkpoint and replays the following steps (their losses must match)
   train_compiled  the same run with model.compile=true: tokens/s and MFU, losses vs eager
   bench           bench.bench_gpu: ours vs transformers (sdpa or eager), 2B- and 9B-shaped
-  lora, planner   rows for LoRA/QLoRA and planned-vs-measured peak memory, once those exist
+  lora            the 2B-shaped run with LoRA and with QLoRA (torchao NF4) adapters: tokens/s,
+                  peak memory, trainable parameters, per-rank state
+  planner         planned-vs-measured peak memory, once the planner exists
 
 ``--cpu-selftest`` runs the same parts and code paths on CPU with tiny shapes and gloo (what CI
 runs, so the check cannot rot); CUDA-only tests skip there. Results: OUTDIR/gpu-check.json,
@@ -328,6 +330,28 @@ def _bench_rows(out: list[dict]) -> dict:
     return {"status": "fail" if any(r.get("status") == "error" for r in out) else "ok", "rows": rows}
 
 
+def part_lora(a) -> dict:
+    """The trainer with LoRA and QLoRA adapters (rank 16, every decoder linear) on the same
+    2B-shaped model: tokens/s, peak memory, per-rank state and finite losses. The CPU self-test
+    runs QLoRA only (it covers the LoRA path too) on the tiny model."""
+    rows, ok = [], True
+    adapters = ["qlora"] if a.cpu_selftest else ["lora", "qlora"]
+    for adapter in adapters:
+        extra = [f"model/adapter={adapter}", "model.adapter.rank=16", "data.limit_train_rows=64"]
+        if a.cpu_selftest and adapter == "qlora":
+            extra.append("model.adapter.nf4_scaler_block_size=4")  # the tiny model's 32 x 16 weights
+        run = _train(a, f"train-{adapter}", extra, 3, None)
+        rows += _throughput_rows(adapter, run["steps"], skip=1, cuda=not a.cpu_selftest)
+        losses = [r["loss_step"] for r in run["steps"]]
+        rows.append(_row(f"{adapter}: losses", [round(x, 6) for x in losses]))
+        for pattern, metric in ((r"adapter \w+ .*?: (\d+) trainable of (\d+) parameters", "trainable / total params"),
+                                (r"state per rank, MiB .*?: (.*)$", "state per rank (params / grads / optim), MiB")):
+            m = re.search(pattern, run["log"], re.M)
+            rows.append(_row(f"{adapter}: {metric}", " / ".join(m.groups()) if m else None))
+        ok = ok and len(losses) == 3 and all(map(math.isfinite, losses))
+    return {"status": "ok" if ok else "fail", "rows": rows}
+
+
 def _not_yet(module: str, issue: str) -> Callable[[argparse.Namespace], dict]:
     def part(a) -> dict:
         if importlib.util.find_spec(module) is None:
@@ -340,13 +364,13 @@ def _not_yet(module: str, issue: str) -> Callable[[argparse.Namespace], dict]:
 PARTS = [
     # GPU budgets add up to 8 minutes; the parts run in this order, the most telling first.
     Part("env", 15, 20, "versions and device", part_env),
-    Part("cuda_tests", 90, 25, "pytest -m cuda", part_cuda_tests),
+    Part("cuda_tests", 75, 25, "pytest -m cuda", part_cuda_tests),
     Part("parity", 30, 15, "flex vs reference, fp32 and bf16", part_parity),
-    Part("train", 125, 40, "2B-shaped bf16, FSDP2 on 1-rank NCCL, async DCP save + reload", part_train),
-    Part("train_compiled", 110, 45, "the same with model.compile=true", part_train_compiled),
-    Part("bench_2b", 65, 20, "2B-shaped: ours vs transformers (bench.bench_gpu)", _bench("2b")),
+    Part("train", 115, 40, "2B-shaped bf16, FSDP2 on 1-rank NCCL, async DCP save + reload", part_train),
+    Part("train_compiled", 100, 45, "the same with model.compile=true", part_train_compiled),
+    Part("bench_2b", 55, 20, "2B-shaped: ours vs transformers (bench.bench_gpu)", _bench("2b")),
     Part("bench_9b", 25, 5, "9B widths, 8 layers: ours vs transformers", _bench("9b")),
-    Part("lora", 10, 10, "LoRA / QLoRA rows", _not_yet("trainer.lora", "issue 14")),
+    Part("lora", 55, 20, "the 2B-shaped run with LoRA and QLoRA (NF4) adapters", part_lora),
     Part("planner", 10, 10, "planned vs measured peak memory", _not_yet("trainer.planner", "issue 15")),
 ]
 

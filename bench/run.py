@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "data": ("bench.bench_data", "2./3. sampler budget fill, rank imbalance; tokenization cold vs cached"),
     "memory": ("bench.bench_memory", "4. per-rank param+grad+optimizer bytes at 1/2/4 processes"),
     "checkpoint": ("bench.bench_checkpoint", "5. checkpoint save/load time and size, sync vs async"),
+    "adapters": ("bench.bench_adapters", "full vs LoRA vs QLoRA: per-rank state bytes and tokens/s at 2 ranks"),
     "gpu": ("bench.bench_gpu", "GPU: 2B / 9B-shaped bf16 tokens/s/GPU and MFU vs transformers"),
 }
 MODES = ("smoke", "quick", "full")

@@ -28,11 +28,16 @@ if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 
-if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
+if ! "$PY" -c "import hydra, omegaconf, torchao" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "error: hydra-core/omegaconf are not importable and .whl/ holds no wheels: run scripts/gpu-wheels.sh where pip works, carry .whl" >&2
-    exit 2
+    if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
+      echo "error: hydra-core/omegaconf are not importable and .whl/ holds no wheels: run scripts/gpu-wheels.sh where pip works, carry .whl" >&2
+      exit 2
+    fi
+    echo "gpu-check: warning: torchao is not importable and .whl/ holds no wheels: the lora part's QLoRA run will fail" >&2
   fi
+fi
+if ! "$PY" -c "import hydra, omegaconf, torchao" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   SITE=$(mktemp -d /tmp/gpu-check-site.XXXXXX)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 2
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"

@@ -114,7 +114,7 @@ def test_a_bug_is_not_a_user_error(monkeypatch, tmp_path):
     import launch.train
     import trainer.train
 
-    def broken(cfg):
+    def broken(cfg, command=None):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(trainer.train, "run", broken)

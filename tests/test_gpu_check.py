@@ -34,8 +34,8 @@ def test_cpu_selftest_runs_every_part_in_under_two_minutes(tmp_path):
     parts = {p["part"]: p for p in report["parts"]}
     assert list(parts) == ["env", "cuda_tests", "parity", "train", "train_compiled", "bench_2b", "bench_9b", "lora",
                            "planner"]
-    assert {p: parts[p]["status"] for p in ("env", "parity", "train", "train_compiled", "bench_2b")} == dict.fromkeys(
-        ("env", "parity", "train", "train_compiled", "bench_2b"), "ok")
+    ok = ("env", "parity", "train", "train_compiled", "bench_2b", "lora")
+    assert {p: parts[p]["status"] for p in ok} == dict.fromkeys(ok, "ok")
     assert parts["cuda_tests"]["status"] == "skipped"  # collected and skipped cleanly without CUDA
     rows = {r["metric"]: r for p in report["parts"] for r in p["rows"]}
     assert rows["tests skipped"]["value"] > 0 and rows["tests failed"]["value"] == 0
@@ -47,31 +47,35 @@ def test_cpu_selftest_runs_every_part_in_under_two_minutes(tmp_path):
     assert rows["compiled vs eager: max |loss diff|"]["value"] < 1e-5
     assert rows["eager: tokens/s/GPU"]["value"] > 0 and rows["compiled: tokens/s/GPU"]["value"] > 0
     assert "| train | ok" in proc.stdout  # the table is printed
+    # QLoRA through the real trainer: three finite losses, the adapter's share of the parameters
+    assert len(rows["qlora: losses"]["value"]) == 3
+    trainable, total = map(int, rows["qlora: trainable / total params"]["value"].split(" / "))
+    assert 0 < trainable < 0.01 * total
 
 
 def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
-    # GPU mode on a machine without CUDA: parity fails (no device), env and lora still report.
+    # GPU mode on a machine without CUDA: parity fails (no device), env and planner still report.
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out), "--only", "env,parity,lora"],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out), "--only", "env,parity,planner"],
                           cwd=REPO, text=True, capture_output=True, timeout=200)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     parts = {p["part"]: p for p in _report(out)["parts"]}
-    assert [parts[p]["status"] for p in ("env", "parity", "lora")] == ["ok", "fail", "not available"]
+    assert [parts[p]["status"] for p in ("env", "parity", "planner")] == ["ok", "fail", "not available"]
     assert "no CUDA device" in parts["parity"]["note"]
     assert any(r["metric"] == "torch" for r in parts["env"]["rows"])
-    assert "[gpu-check] parity: fail" in proc.stdout and "| lora | not available" in proc.stdout
+    assert "[gpu-check] parity: fail" in proc.stdout and "| planner | not available" in proc.stdout
 
 
 def test_a_part_over_its_budget_is_killed_and_reported(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-selftest", "--out", str(out),
-                           "--only", "parity,lora", "--budget", "parity=1"], cwd=REPO, text=True, capture_output=True,
+                           "--only", "parity,planner", "--budget", "parity=1"], cwd=REPO, text=True, capture_output=True,
                           timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     parts = {p["part"]: p for p in _report(out)["parts"]}
     assert parts["parity"]["status"] == "timeout" and parts["parity"]["budget_s"] == 1
     assert parts["parity"]["elapsed_s"] < 10  # killed at its budget, not left to finish
-    assert parts["lora"]["status"] == "not available"
+    assert parts["planner"]["status"] == "not available"
 
 
 def test_unknown_part_is_a_usage_error(tmp_path):
