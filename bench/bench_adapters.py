@@ -35,8 +35,8 @@ def _cfg(adapter: str, smoke: bool) -> dict:
     from trainer.config import compose
 
     shape = SMOKE if smoke else REAL
-    overrides = ["+experiment=cpu_demo", "model.head_dropout=0.0", "model.vocab_size=32000", "model.num_hidden_layers=2",
-                 *(f"model.{k}={v}" for k, v in shape.items()), f"model/adapter={adapter}",
+    overrides = ["+experiment=cpu_demo", "model.head_dropout=0.0", "model.vocab_size=32000",
+                 "model.num_hidden_layers=2", *(f"model.{k}={v}" for k, v in shape.items()), f"model/adapter={adapter}",
                  "model.adapter.rank=16", "model.adapter.dropout=0.0"]
     if smoke:
         overrides.append("model.adapter.nf4_scaler_block_size=64")
@@ -51,28 +51,27 @@ def _worker(rank: int, world: int, port: int, cfgs: dict, steps: int, rows: int,
     from trainer.model.testing import pack
     from trainer.parallel import local_state_bytes
 
+    def step(model, opt, vocab: int, g: torch.Generator, measure: bool = False) -> dict | None:
+        batch = pack([torch.randint(0, vocab, (seq,), generator=g) for _ in range(rows)])
+        logits = model(**batch)
+        (-torch.log_softmax(logits.float(), -1)[:, 0].sum() / (rows * world)).backward()
+        before = local_state_bytes(model, opt) if measure else None
+        opt.step()
+        after = local_state_bytes(model, opt) if measure else None
+        opt.zero_grad(set_to_none=True)
+        if measure:  # gradients exist before the step, moments after it
+            return {"params": after["params"], "grads": before["grads"], "optimizer": after["optimizer"]}
+        return None
+
     results = {}
     for name, cfg_dict in cfgs.items():
         info, cfg, model, opt = setup_rank(rank, world, port, cfg_dict)
         g = torch.Generator().manual_seed(1000 + rank)
-
-        def step(measure: bool = False) -> dict | None:
-            batch = pack([torch.randint(0, cfg.model.vocab_size, (seq,), generator=g) for _ in range(rows)])
-            logits = model(**batch)
-            (-torch.log_softmax(logits.float(), -1)[:, 0].sum() / (rows * world)).backward()
-            before = local_state_bytes(model, opt) if measure else None
-            opt.step()
-            after = local_state_bytes(model, opt) if measure else None
-            opt.zero_grad(set_to_none=True)
-            if measure:
-                return {"params": after["params"], "grads": before["grads"], "optimizer": after["optimizer"]}
-            return None
-
-        sizes = step(measure=True)
+        sizes = step(model, opt, cfg.model.vocab_size, g, measure=True)
         sizes["total"] = sizes["params"] + sizes["grads"] + sizes["optimizer"]
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
+            step(model, opt, cfg.model.vocab_size, g)
         elapsed = all_reduce_max(time.perf_counter() - t0, info.device)
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, sizes)

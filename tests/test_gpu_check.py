@@ -69,8 +69,8 @@ def test_a_failing_part_is_reported_and_the_rest_still_run(tmp_path):
 def test_a_part_over_its_budget_is_killed_and_reported(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu-selftest", "--out", str(out),
-                           "--only", "parity,planner", "--budget", "parity=1"], cwd=REPO, text=True, capture_output=True,
-                          timeout=120)
+                           "--only", "parity,planner", "--budget", "parity=1"], cwd=REPO, text=True,
+                          capture_output=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     parts = {p["part"]: p for p in _report(out)["parts"]}
     assert parts["parity"]["status"] == "timeout" and parts["parity"]["budget_s"] == 1
