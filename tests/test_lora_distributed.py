@@ -66,3 +66,30 @@ def test_qlora_killed_resumes_bitwise(tmp_path):
     h.assert_weights_equal(h.load_weights(h.latest_checkpoint(run_dir)), h.load_weights(h.latest_checkpoint(reference)))
     h.assert_weights_equal(h.load_weights(h.latest_checkpoint(run_dir), "optim."),
                            h.load_weights(h.latest_checkpoint(reference), "optim."))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A transformers-layout base of the tiny model's shape (what model.name_or_path reads)."""
+    import torch
+
+    from trainer.model import Gemma2Classifier, ModelArgs
+    from trainer.model.hf_io import save_pretrained
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("base")
+    save_pretrained(Gemma2Classifier(ModelArgs(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=128, num_labels=3)), path)
+    return path
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_pretrained_base_two_ranks_equal_one(adapter, base_dir, tmp_path):
+    """Over several ranks rank 0 reads the base: LoRA's adapters ride set_model_state_dict's
+    broadcast; QLoRA's base is broadcast tensor by tensor and quantised on every rank."""
+    overrides = [*COMMON, *ADAPTER[adapter], f"model.name_or_path={base_dir}", "model.query_pre_attn_scalar=null"]
+    h.run(tmp_path / "one", 1, overrides)
+    h.run(tmp_path / "two", 2, overrides)
+    _compare(tmp_path / "two", tmp_path / "one")
+    assert h.trainer_state(h.latest_checkpoint(tmp_path / "two"))["model"]["base"]["name_or_path"] == str(base_dir)
