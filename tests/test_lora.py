@@ -151,6 +151,8 @@ def test_adapter_config_errors_name_the_key():
         compose(["model/adapter=lora", "model.adapter.rank=0"])
     with pytest.raises(ConfigError, match="model.adapter.name"):
         compose(["model.adapter.name=dora"])
+    with pytest.raises(ConfigError, match="parallel.cpu_offload"):
+        compose(["model/adapter=qlora", "parallel.cpu_offload=true"])
     assert compose(["model/adapter=qlora"]).model.adapter.name == "qlora"
 
 

@@ -313,6 +313,9 @@ def validate(cfg: DictConfig) -> None:
     if d.class_names is not None and d.task != "text_classification":
         raise ConfigError(f"config key 'data.class_names' is for data/task=text_classification (task is {d.task})")
     _validate_adapter(m.adapter)
+    if m.adapter.name == "qlora" and cfg.parallel.cpu_offload:
+        raise ConfigError("config key 'parallel.cpu_offload' = true with model.adapter=qlora: FSDP2's CPU offload does "
+                          "not handle NF4 weights (and a 4-bit base rarely needs it); set parallel.cpu_offload=false")
     if m.query_pre_attn_scalar is None and not m.name_or_path:
         raise ConfigError("config key 'model.query_pre_attn_scalar' = null means 'keep the checkpoint's value' and "
                           "needs model.name_or_path; set a number to train from scratch")
