@@ -1,10 +1,14 @@
 """Export a training checkpoint for transformers / peft / the Hub.
 
-    python -m launch.export checkpoint=runs/NAME[/checkpoints/step-N] out=DIR [merge=true] [config overrides]
+    python -m launch.export checkpoint=runs/NAME[/checkpoints/step-N] out=DIR [merge=true] [shard_gb=5]
+        [config overrides]
 
-A full fine-tune: DIR/model.safetensors + config.json in transformers' layout (loadable by
+A full fine-tune: the weights in transformers' layout, in the dtype they trained in (bf16 stays
+bf16), as safetensors shards of at most ``shard_gb`` GB with ``model.safetensors.index.json``
+(one ``model.safetensors`` when it fits), + config.json (loadable by
 trainer.model.hf_io.load_pretrained, and by transformers' Gemma2ForSequenceClassification for the
-linear head; id2label holds the task's classes).
+linear head; id2label holds the task's classes). Streamed from the DCP shards one output shard at
+a time: host memory holds one shard, never the whole model.
 
 A LoRA / QLoRA run: DIR/adapter_config.json + adapter_model.safetensors in PEFT's format (the
 head as ``modules_to_save``), for ``PeftModel.from_pretrained(Gemma2ForSequenceClassification
@@ -25,13 +29,15 @@ import shutil
 from pathlib import Path
 
 from launch.cli import entry_point, parse_bool, parse_key_values, require
-from trainer.consolidate import EXPORT_RECORD, checkpoint_metadata, open_trained
+from trainer.consolidate import EXPORT_RECORD, ExportedModel, checkpoint_metadata, export_full_weights, open_trained
+from trainer.errors import ConfigError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-USAGE = "python -m launch.export checkpoint=PATH out=DIR [merge=true|false] [overrides]"
+USAGE = "python -m launch.export checkpoint=PATH out=DIR [merge=true|false] [shard_gb=5] [overrides]"
 
 
-def export(checkpoint: str, out: str, overrides: list[str] | None = None, merge: bool = False) -> Path:
+def export(checkpoint: str, out: str, overrides: list[str] | None = None, merge: bool = False,
+           shard_gb: float = 5.0) -> Path:
     from trainer.adapters import merge_lora
     from trainer.adapters.peft_format import save_adapter
     from trainer.build import recorded_spec
@@ -39,22 +45,27 @@ def export(checkpoint: str, out: str, overrides: list[str] | None = None, merge:
     from trainer.model_card import final_metrics, model_card
 
     trained = open_trained(checkpoint, overrides)
+    if isinstance(trained, ExportedModel):
+        raise ConfigError(f"checkpoint={checkpoint} is an export already: export a run directory or a "
+                          "checkpoints/step-N directory")
     cfg, ckpt, state = trained.cfg, trained.checkpoint, trained.state
     record = state.get("model") or {}
     adapter = record.get("adapter")
-    model = trained.load_model()
     out_dir = Path(out)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     base = cfg.model.name_or_path
+    max_shard = int(shard_gb * 10**9)
     if adapter and not merge:
         kind = "adapter"
-        save_adapter(model, recorded_spec(record), tmp, base)
+        save_adapter(trained.load_model(), recorded_spec(record), tmp, base)
+    elif adapter:  # merged: the base (re-read) with the adapters folded in, in memory
+        kind = "merged"
+        save_pretrained(merge_lora(trained.load_model()), tmp, labels=trained.task.output_columns,
+                        max_shard_bytes=max_shard)
     else:
-        kind = "merged" if adapter else "full"
-        if adapter:
-            merge_lora(model)
-        save_pretrained(model, tmp, labels=trained.task.output_columns)
+        kind = "full"
+        export_full_weights(trained, tmp, max_shard)
     tok_dir = Path(cfg.data.tokenizer_path)
     for name in TOKENIZER_FILES:  # Gemma Terms of Use apply to the tokenizer files
         if (tok_dir / name).is_file():
@@ -76,10 +87,16 @@ def export(checkpoint: str, out: str, overrides: list[str] | None = None, merge:
 
 def _main(argv: list[str]) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    own, overrides = parse_key_values(argv, ("checkpoint", "out", "merge"), USAGE)
+    own, overrides = parse_key_values(argv, ("checkpoint", "out", "merge", "shard_gb"), USAGE)
     require(own, ("checkpoint", "out"), USAGE)
     merge = parse_bool("merge", own["merge"]) if "merge" in own else False
-    out = export(own["checkpoint"], own["out"], overrides, merge=merge)
+    try:
+        shard_gb = float(own.get("shard_gb", 5))
+    except ValueError:
+        raise ConfigError(f"shard_gb={own['shard_gb']!r}: expected a number of GB (e.g. 5)") from None
+    if shard_gb <= 0:
+        raise ConfigError(f"shard_gb={shard_gb}: must be > 0")
+    out = export(own["checkpoint"], own["out"], overrides, merge=merge, shard_gb=shard_gb)
     print(f"exported to {out}")
     return out
 

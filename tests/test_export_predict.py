@@ -64,6 +64,48 @@ def test_export_round_trip(trained, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_export_streams_shards_with_an_index_in_the_training_dtype(trained, tmp_path):
+    """shard_gb tiny: several safetensors shards + model.safetensors.index.json, as transformers
+    writes them; every loader reads them back to the same logits. A bf16 run exports bf16."""
+    import json
+
+    from launch.export import main as export_main
+    from safetensors import safe_open
+
+    head, run_dir, _ = trained
+    out = export_main([f"checkpoint={run_dir}", f"out={tmp_path / 'sharded'}", "shard_gb=0.00002"])  # 20 kB shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
+    assert not (out / "model.safetensors").exists()
+    sizes = []
+    for name in shards:
+        with safe_open(out / name, framework="pt") as f:
+            tensors = [f.get_tensor(k).nbytes for k in f.keys()]
+        assert sum(tensors) <= 20_000 or len(tensors) == 1  # a larger tensor (the embedding) sits alone
+        sizes.append(sum(tensors))
+    assert index["metadata"]["total_size"] == sum(sizes)
+    ckpt = resolve_checkpoint(run_dir)
+    batch = _batch()
+    with torch.no_grad():
+        want = load_model_from_checkpoint(ckpt, checkpoint_config(ckpt))(**batch)
+        torch.testing.assert_close(load_pretrained(out, head=head).eval()(**batch), want, rtol=0, atol=0)
+    if head == "linear":
+        from transformers import Gemma2ForSequenceClassification
+
+        hf = Gemma2ForSequenceClassification.from_pretrained(out, attn_implementation="eager").eval()
+        assert hf.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
+        return
+    # bf16 weights stay bf16 (the mlp-head leg: one more tiny run, 1 step, bf16 + Kahan)
+    bf16_dir = tmp_path / "bf16-run"
+    run(compose(TINY + ["model.dtype=bfloat16", "optim.use_kahan_summation=true", "trainer.max_steps=1",
+                        f"trainer.run_dir={bf16_dir}"]))
+    out16 = export_main([f"checkpoint={bf16_dir}", f"out={tmp_path / 'bf16'}"])
+    with safe_open(out16 / "model.safetensors", framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
 def _read_submission(path: Path) -> tuple[list[str], np.ndarray]:
     with open(path) as f:
         rows = list(csv.DictReader(f))

@@ -156,3 +156,38 @@ def checkpoint_metadata(ckpt: Path) -> dict[str, Any]:
     state = verify_checkpoint(ckpt)
     return {"step": state["step"], "tokens_seen": state["state"]["progress"].get("tokens_seen"),
             **{k: state[k] for k in ("world_size", "saved_at") if k in state}}
+
+
+def export_full_weights(trained: TrainedRun, out: Path, max_shard_bytes: int) -> int:
+    """A full fine-tune's weights straight from its DCP shards into transformers' layout, one
+    safetensors shard at a time, in the dtype they trained in: host memory holds one shard
+    (at most ``max_shard_bytes``, or one larger tensor), never the model. Returns the bytes written."""
+    import torch.distributed.checkpoint as dcp
+
+    from .build import _check_keys, recorded_args
+    from .checkpoint import SafeLoadPlanner
+    from .model.hf_io import parameter_name_map, plan_shards, write_sharded
+
+    ckpt = trained.checkpoint
+    args = recorded_args(trained.state, trained.cfg, trained.task, trained.overrides, str(ckpt))
+    with torch.device("meta"):
+        model = Gemma2Classifier(args)
+    params = dict(model.named_parameters())
+    _check_keys(model, ckpt, set(params))
+    saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    dtypes = {n: saved[f"model.{n}"].properties.dtype for n in params}
+    name_map = parameter_name_map(model)
+    ours = {name_map[n]: n for n in params}
+    sizes = {name_map[n]: p.numel() * dtypes[n].itemsize for n, p in params.items()}
+
+    def read(keys):
+        sd = {"model": {ours[k]: torch.empty(params[ours[k]].shape, dtype=dtypes[ours[k]]) for k in keys}}
+        dcp.load(sd, checkpoint_id=str(ckpt), planner=SafeLoadPlanner(allow_partial_load=True))
+        return {k: sd["model"][ours[k]] for k in keys}
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_sharded(out, plan_shards(sizes, max_shard_bytes), read, sum(sizes.values()))
+    dtype = str(dtypes["embed_tokens.weight"]).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(args.to_hf_config(dtype=dtype, labels=trained.task.output_columns),
+                                                indent=2) + "\n")
+    return sum(sizes.values())

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 IGNORED_PREFIXES = ("lm_head.",)
 
@@ -147,20 +148,68 @@ def load_pretrained(path, head: str | None = None, *, dtype=None, device="cpu", 
     return model.eval()
 
 
-def save_pretrained(model: nn.Module, path, labels=None) -> None:
-    """Write model.safetensors + config.json loadable by transformers' Gemma2ForSequenceClassification
+def shard_names(n_shards: int) -> list[str]:
+    """transformers' file names: model.safetensors alone, else model-0000i-of-0000n.safetensors."""
+    if n_shards == 1:
+        return [SAFE_WEIGHTS]
+    return [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
+    """Keys in order, cut into groups of at most ``max_bytes`` (a larger tensor gets a group of
+    its own), as transformers' ``save_pretrained`` cuts them."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for key, size in sizes.items():
+        if groups[-1] and used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(key)
+        used += size
+    return groups
+
+
+def write_sharded(path: Path, groups: list[list[str]], read_group, total_bytes: int) -> None:
+    """Write each group's tensors (``read_group(keys) -> {key: tensor}``, called one group at a
+    time, so only one shard is in host memory) and, for several shards, the index."""
+    names = shard_names(len(groups))
+    weight_map = {}
+    for name, keys in zip(names, groups):
+        tensors = read_group(keys)
+        save_file({k: tensors[k].contiguous() for k in keys}, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+        del tensors
+    (path / SAFE_INDEX).unlink(missing_ok=True)  # a stale index would shadow a single new file
+    if len(names) > 1:
+        (path / SAFE_WEIGHTS).unlink(missing_ok=True)
+        (path / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map},
+                                                  indent=2) + "\n")
+    for stale in path.glob("model-*-of-*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+
+
+def save_pretrained(model: nn.Module, path, labels=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write the weights (in their dtype; shards of at most ``max_shard_bytes`` + index, as
+    transformers does) and config.json, loadable by transformers' Gemma2ForSequenceClassification
     (linear head; an mlp-head file loads there with a freshly initialised `score`). ``labels``:
     the task's output column per class, written as id2label."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     name_map = parameter_name_map(model)
-    tensors = {}
-    for name, p in model.named_parameters():
-        t = p.detach()
-        if hasattr(t, "full_tensor"):  # FSDP2 DTensor: gather (every rank must call)
-            t = t.full_tensor()
-        tensors[name_map[name]] = t.cpu().contiguous()
-    save_file(tensors, path / SAFE_WEIGHTS, metadata={"format": "pt"})
-    (path / SAFE_INDEX).unlink(missing_ok=True)  # a stale index would shadow the new file
+    params = dict(model.named_parameters())
+    sizes = {name_map[n]: p.numel() * p.element_size() for n, p in params.items()}
+    by_hf = {name_map[n]: n for n in params}
+
+    def read(keys):
+        out = {}
+        for k in keys:
+            t = params[by_hf[k]].detach()
+            if hasattr(t, "full_tensor"):  # FSDP2 DTensor: gather (every rank must call)
+                t = t.full_tensor()
+            out[k] = t.cpu()
+        return out
+
+    write_sharded(path, plan_shards(sizes, max_shard_bytes), read, sum(sizes.values()))
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(model.args.to_hf_config(dtype=dtype, labels=labels), indent=2) + "\n")
