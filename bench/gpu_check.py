@@ -19,7 +19,8 @@ so a crash, a hang or a CUDA error in one part is reported and the next part sti
   bench           bench.bench_gpu: ours vs transformers (sdpa or eager), 2B- and 9B-shaped
   lora            the 2B-shaped run with LoRA and with QLoRA (torchao NF4) adapters: tokens/s,
                   peak memory, trainable parameters, per-rank state
-  planner         planned-vs-measured peak memory, once the planner exists
+  planner         the planner on the train part's config: planned per-device memory and step time, and
+                  the planned peak against the train part's measured peak
 
 ``--cpu-selftest`` runs the same parts and code paths on CPU with tiny shapes and gloo (what CI
 runs, so the check cannot rot); CUDA-only tests skip there. Results: OUTDIR/gpu-check.json,
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -352,13 +352,33 @@ def part_lora(a) -> dict:
     return {"status": "ok" if ok else "fail", "rows": rows}
 
 
-def _not_yet(module: str, issue: str) -> Callable[[argparse.Namespace], dict]:
-    def part(a) -> dict:
-        if importlib.util.find_spec(module) is None:
-            return {"status": "not available", "rows": [], "note": f"{module} does not exist yet ({issue})"}
-        raise RuntimeError(f"{module} exists: give the GPU check its part ({issue})")
+def part_planner(a) -> dict:
+    """The planner on the `train` part's config at one GPU: its per-device figures, and its peak
+    against the peak the train part measured (torch.cuda.max_memory_allocated on a GPU; on CPU
+    the process RSS, which is not comparable: reported only)."""
+    from trainer.config import compose
+    from trainer.planner import GB, plan, verdict
 
-    return part
+    overrides = [*(CPU_TRAIN if a.cpu_selftest else GPU_TRAIN), *COMMON_TRAIN, "plan.world_size=1"]
+    import torch
+
+    if not a.cpu_selftest and torch.cuda.is_available():
+        overrides.append(f"plan.gpu_memory_gb={torch.cuda.get_device_properties(0).total_memory / GB:.1f}")
+    p = plan(compose(overrides))
+    d = p.per_device
+    rows = [_row(f"planned {k.removesuffix('_bytes')}", round(v / GB, 3), "GB") for k, v in d.items()]
+    rows += [_row("planned step time", round(p.step_time_s, 3), "s", f"{p.bound}-bound"), _row("verdict", verdict(p))]
+    metrics = Path(a.work) / "train" / "metrics.jsonl"
+    if metrics.is_file():
+        peaks = [json.loads(line).get("peak_mem_gb") for line in metrics.read_text().splitlines() if line.strip()]
+        measured = max((x for x in peaks if x is not None), default=None)
+        if measured is not None:
+            planned = (d["peak_bytes"] - d["overhead_bytes"]) / 2**30
+            rows.append(_row("measured peak (train part)", round(measured, 3), "GiB",
+                             "torch.cuda.max_memory_allocated" if not a.cpu_selftest else "CPU RSS: not comparable"))
+            rows.append(_row("planned peak without overhead / measured", round(planned / measured, 3), "",
+                             "target 0.85-1.15 on a GPU"))
+    return {"status": "ok", "rows": rows}
 
 
 PARTS = [
@@ -371,7 +391,7 @@ PARTS = [
     Part("bench_2b", 55, 20, "2B-shaped: ours vs transformers (bench.bench_gpu)", _bench("2b")),
     Part("bench_9b", 25, 5, "9B widths, 8 layers: ours vs transformers", _bench("9b")),
     Part("lora", 55, 20, "the 2B-shaped run with LoRA and QLoRA (NF4) adapters", part_lora),
-    Part("planner", 10, 10, "planned vs measured peak memory", _not_yet("trainer.planner", "issue 15")),
+    Part("planner", 10, 15, "planned vs measured peak memory (the train part's config)", part_planner),
 ]
 
 

@@ -4,6 +4,9 @@
     python -m launch.submit +experiment=gemma2_9b --dry-run     # print config + Slurm parameters
     python -m launch.submit +experiment=cpu_demo --local launcher.nproc_per_node=2
 
+Before submitting it prints the planner's one-line verdict (trainer/planner.py: will it fit,
+step time, budget fill; `python -m launch.plan` gives the whole plan); --no-plan skips it.
+
 One Slurm task per node runs a torchrun agent that starts the node's ranks (the same shape as
 slurm/train.sh). Why one task per node rather than one per GPU: torchrun gives every rank
 LOCAL_RANK/LOCAL_WORLD_SIZE and a c10d rendezvous without Slurm-specific code in the trainer,
@@ -172,9 +175,10 @@ def build_executor(lc, executor_kind: str):
 
 
 def _main(args: list[str]) -> dict[str, Any]:
-    options, overrides = split_options(args, {"--dry-run": 0, "--local": 0, "--wait": 0})
+    options, overrides = split_options(args, {"--dry-run": 0, "--local": 0, "--wait": 0, "--no-plan": 0})
     dry_run, local, wait = "--dry-run" in options, "--local" in options, "--wait" in options
     cfg = compose(overrides)  # validates: a typo fails here, before anything is submitted
+    verdict = None if "--no-plan" in options else _plan_verdict(cfg)
     lc = cfg.launcher
     executor_kind = "local" if local else lc.executor
     if executor_kind == "auto":
@@ -191,7 +195,7 @@ def _main(args: list[str]) -> dict[str, Any]:
         print("# submission")
         print(json.dumps({"executor": executor_kind, "run_dir": run_dir, "nproc_per_node": nproc,
                           "slurm": params, "max_requeues": lc.max_requeues, "overrides": train_overrides}, indent=1))
-        return {"dry_run": True, "slurm": params, "run_dir": run_dir, "executor": executor_kind}
+        return {"dry_run": True, "slurm": params, "run_dir": run_dir, "executor": executor_kind, "plan": verdict}
 
     executor = build_executor(lc, executor_kind)
     job = executor.submit(TorchrunJob(train_overrides, run_dir, nproc, lc.rdzv_port))
@@ -200,12 +204,24 @@ def _main(args: list[str]) -> dict[str, Any]:
     print(f"  stderr: {job.paths.stderr}")
     print(f"  run directory: {run_dir}")
     out: dict[str, Any] = {"job_id": job.job_id, "run_dir": run_dir, "executor": executor_kind,
-                           "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
+                           "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "plan": verdict}
     if wait:
         # One task per node; each returns result.json of the shared run dir: take task 0's.
         out["result"] = job.results()[0]
         print(f"job {job.job_id} finished: {out['result']}")
     return out
+
+
+def _plan_verdict(cfg) -> str | None:
+    """The planner's one line, printed before submitting; a planner failure never blocks a job."""
+    from trainer.planner import plan, verdict
+
+    try:
+        line = verdict(plan(cfg))
+    except Exception as e:  # noqa: BLE001 - advice, not a gate
+        line = f"plan: not available ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    print(line, flush=True)
+    return line
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -22,6 +22,13 @@ def test_dry_run_prints_config_and_slurm_parameters(capsys):
         ("gpu", "proj", "high", "h100")
     assert slurm["slurm_signal_delay_s"] > 0
     assert "query_pre_attn_scalar: 256" in printed and '"nproc_per_node": 8' in printed
+    # the planner's verdict at the job's size (8 nodes x 8 GPUs), printed before anything is submitted
+    assert out["plan"].startswith("plan: fits") and "at 64 GPUs" in out["plan"] and out["plan"] in printed
+
+
+def test_no_plan_skips_the_planner(capsys):
+    out = submit_main(["+experiment=cpu_demo", "--dry-run", "--no-plan"])
+    assert out["plan"] is None and "plan: " not in capsys.readouterr().out
 
 
 def test_bad_override_is_refused_before_submission(capsys):

@@ -197,6 +197,18 @@ class LauncherConfig:
 
 
 @dataclass
+class PlanConfig:
+    # launch.plan (trainer/planner.py): the hardware a plan assumes; every figure overridable.
+    world_size: Optional[int] = None  # null: launcher.nodes x (launcher.nproc_per_node or gpus_per_node)
+    gpu_memory_gb: float = 80.0
+    peak_tflops: Optional[float] = None  # null: trainer.peak_flops_per_device, else 989 (H100 bf16 dense)
+    mfu: float = 0.4  # model FLOPs utilisation assumed for the compute time
+    intra_node_gb_s: float = 150.0  # effective per-GPU FSDP collective bandwidth inside a node (NVLink)
+    inter_node_gb_s: float = 20.0  # the same across nodes (a 200-400 Gb/s NIC per GPU, effective)
+    overhead_gb: float = 3.0  # CUDA context, allocator fragmentation, NCCL buffers
+
+
+@dataclass
 class Config:
     experiment: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,6 +219,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
