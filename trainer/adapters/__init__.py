@@ -3,7 +3,7 @@ frozen base (``nf4``, torchao), the base fingerprint adapter checkpoints carry
 (``fingerprint``) and PEFT's on-disk format (``peft_format``). See docs/adapters.md."""
 
 from .fingerprint import base_record
-from .lora import ADAPTERS, TARGETS, LoRALinear, LoRASpec, apply_lora, is_lora_model, merge_lora, trainable_summary
+from .lora import ADAPTERS, TARGETS, LoRALinear, LoRASpec, apply_lora, merge_lora, trainable_summary
 
-__all__ = ["ADAPTERS", "TARGETS", "LoRALinear", "LoRASpec", "apply_lora", "base_record", "is_lora_model",
+__all__ = ["ADAPTERS", "TARGETS", "LoRALinear", "LoRASpec", "apply_lora", "base_record",
            "merge_lora", "trainable_summary"]

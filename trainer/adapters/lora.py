@@ -154,17 +154,6 @@ def _move(model: nn.Module, device: torch.device) -> None:
                 module._buffers[key] = b.to(device)
 
 
-def is_lora_model(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
-
-
-def reset_lora(model: nn.Module, seed: int) -> None:
-    """Draw every adapter's initial values (after ``to_empty`` from the meta device)."""
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            m.reset_lora(seed, name)
-
-
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight, in place: the plain architecture again (the
