@@ -345,7 +345,7 @@ def part_lora(a) -> dict:
         losses = [r["loss_step"] for r in run["steps"]]
         rows.append(_row(f"{adapter}: losses", [round(x, 6) for x in losses]))
         for pattern, metric in ((r"adapter \w+ .*?: (\d+) trainable of (\d+) parameters", "trainable / total params"),
-                                (r"state per rank, MiB .*?: (.*)$", "state per rank (params / grads / optim), MiB")):
+                                (r"memory per rank, MiB .*?: (.*)$", "per rank: params / grads / optim = state; peak, MiB")):
             m = re.search(pattern, run["log"], re.M)
             rows.append(_row(f"{adapter}: {metric}", " / ".join(m.groups()) if m else None))
         ok = ok and len(losses) == 3 and all(map(math.isfinite, losses))
@@ -368,16 +368,14 @@ def part_planner(a) -> dict:
     d = p.per_device
     rows = [_row(f"planned {k.removesuffix('_bytes')}", round(v / GB, 3), "GB") for k, v in d.items()]
     rows += [_row("planned step time", round(p.step_time_s, 3), "s", f"{p.bound}-bound"), _row("verdict", verdict(p))]
-    metrics = Path(a.work) / "train" / "metrics.jsonl"
-    if metrics.is_file():
-        peaks = [json.loads(line).get("peak_mem_gb") for line in metrics.read_text().splitlines() if line.strip()]
-        measured = max((x for x in peaks if x is not None), default=None)
-        if measured is not None:
-            planned = (d["peak_bytes"] - d["overhead_bytes"]) / 2**30
-            rows.append(_row("measured peak (train part)", round(measured, 3), "GiB",
-                             "torch.cuda.max_memory_allocated" if not a.cpu_selftest else "CPU RSS: not comparable"))
-            rows.append(_row("planned peak without overhead / measured", round(planned / measured, 3), "",
-                             "target 0.85-1.15 on a GPU"))
+    mem = Path(a.work) / "train" / "memory.json"
+    if mem.is_file():  # the train part's first step, measured by the trainer (trainer/memory.py)
+        record = json.loads(mem.read_text())
+        measured = max(r["peak"] for r in record["per_rank"]) / GB
+        planned = (d["peak_bytes"] - d["overhead_bytes"]) / GB
+        rows.append(_row("measured peak (train part, first step)", round(measured, 3), "GB", record["peak_method"]))
+        rows.append(_row("planned peak without overhead / measured", round(planned / measured, 3), "",
+                         "target 0.85-1.15"))
     return {"status": "ok", "rows": rows}
 
 

@@ -41,3 +41,9 @@ def repo_dir() -> Path:
 # The throwaway Slurm cluster fixture (tests/slurm_cluster.py); tests/ is on sys.path under
 # pytest's default import mode.
 pytest_plugins = ["slurm_cluster"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Real-width tests first: their ranks need most of the 24 GB CI machine, and the pytest
+    process grows as in-process tests load models."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("realwidth") else 1)

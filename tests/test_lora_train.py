@@ -70,7 +70,7 @@ def test_cpu_demo_adapter_learns_and_moves_only_adapters_and_head(adapter, tmp_p
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.iterdir())
     assert ckpt_bytes < 0.03 * model_bytes, (ckpt_bytes, model_bytes)
     log = (tmp_path / "train.log").read_text()
-    assert "trainable of" in log and "state per rank, MiB" in log
+    assert "trainable of" in log and "memory per rank, MiB" in log
 
 
 def _base_dir(path, seed: int):

@@ -355,3 +355,29 @@ def test_build_optimizer_from_dataclass_and_omegaconf():
     with pytest.raises(ValueError):
         build_optimizer(TinyNet(), SimpleNamespace(name="sgd"))
     assert sched.state_dict()["last_epoch"] == 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_kahan_summation=True, momentum_dtype=torch.bfloat16,
+                                              variance_dtype=torch.bfloat16)], ids=["fp32", "bf16-kahan"])
+def test_sliced_update_equals_the_whole_tensor_update(monkeypatch, kw):
+    """Large tensors update in slices of CHUNK elements (bounded fp32 temporaries); the result
+    is bitwise the whole-tensor update's, including a ragged last slice and weight decay."""
+    import trainer.optim.anyprecision_adamw as apaw
+
+    dtype = torch.bfloat16 if kw else torch.float32
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(37, 101, generator=g).to(dtype)
+    grads = [torch.randn(37, 101, generator=g).to(dtype) for _ in range(3)]
+    results = []
+    for chunk in (1 << 22, 64):
+        monkeypatch.setattr(apaw, "CHUNK", chunk)
+        p = nn.Parameter(w0.clone())
+        opt = AnyPrecisionAdamW([p], lr=1e-2, weight_decay=0.1, **kw)
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+        results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (p1, s1), (p2, s2) = results
+    assert torch.equal(p1, p2) and not torch.equal(p1, w0)
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), k

@@ -60,6 +60,7 @@ class PlanResult:
     per_device: dict[str, int]
     fits: bool
     gpu_memory_bytes: int
+    peak_moment: str
     activation_checkpointing: bool
     trainable_params: int
     total_params: int
@@ -169,35 +170,116 @@ def state_bytes(model: nn.Module, cfg: DictConfig, shards: int) -> dict[str, int
             "optimizer_bytes": optim}
 
 
-def _units(model: nn.Module) -> list[nn.Module]:
-    """FSDP2's units as trainer.parallel cuts them: each decoder layer, the embedding (the root's
-    own norm and head are small and stay gathered)."""
-    return [*model.layers, model.embed_tokens]
+def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """FSDP2's units as trainer.parallel cuts them, in forward order: the embedding, then each
+    decoder layer (the root's own final norm and head are counted apart: small, gathered first)."""
+    return [("embed_tokens", model.embed_tokens), *((f"layers.{i}", m) for i, m in enumerate(model.layers))]
 
 
-def gathered_bytes(unit: nn.Module, cfg: DictConfig) -> int:
+def gathered_bytes(unit: nn.Module, cfg: DictConfig, shards: int = 1, padded: bool = False) -> int:
     """What an all-gather of ``unit`` delivers: its weights in the compute dtype (QLoRA's NF4
-    weights travel packed and are dequantised per matmul)."""
+    weights travel packed and are dequantised per matmul; with one shard they are not FSDP's
+    and are not gathered at all). ``padded``: dim 0 rounded up to a multiple of ``shards``, as
+    FSDP2's flat all-gather output is."""
     compute = to_dtype(cfg.parallel.param_dtype)
     spec = LoRASpec.from_config(cfg.model.adapter)
     nf4 = {id(m.weight) for m in unit.modules() if isinstance(m, LoRALinear)} if spec and spec.quantize_base else set()
-    return sum(int(p.numel() * nf4_bytes_per_weight(spec, p.dtype)) if id(p) in nf4 else p.numel() * compute.itemsize
-               for p in unit.parameters())
+    total = 0
+    for p in unit.parameters(recurse=True):
+        n = _rank0_numel(p, shards) * shards if padded else p.numel()
+        if id(p) in nf4:
+            total += int(n * nf4_bytes_per_weight(spec, p.dtype)) if shards > 1 else 0
+        else:
+            total += n * compute.itemsize
+    return total
 
 
-def grad_bytes(unit: nn.Module, cfg: DictConfig) -> int:
-    """Unsharded gradients of ``unit``'s trainable weights in the reduce dtype."""
-    return sum(p.numel() for p in unit.parameters() if p.requires_grad) * to_dtype(cfg.parallel.reduce_dtype).itemsize
+def grad_bytes(unit: nn.Module, cfg: DictConfig, shards: int = 1, dtype: str = "reduce") -> int:
+    """Unsharded gradients of ``unit``'s trainable weights in the reduce dtype (the reduce-scatter
+    input: dim 0 padded to a multiple of ``shards``) or in the compute dtype (as autograd makes them)."""
+    d = to_dtype(cfg.parallel.reduce_dtype if dtype == "reduce" else cfg.parallel.param_dtype)
+    return sum(_rank0_numel(p, shards) * shards for p in unit.parameters() if p.requires_grad) * d.itemsize
 
 
-def fsdp_buffer_bytes(model: nn.Module, cfg: DictConfig, shards: int) -> dict[str, int]:
-    """The largest unit's all-gathered weights, in use + prefetched, and its unsharded
-    gradients before the reduce-scatter (none with one shard: nothing is gathered)."""
-    if shards == 1:
-        return {"allgather_bytes": 0, "reduce_scatter_bytes": 0}
-    units = _units(model)
-    return {"allgather_bytes": 2 * max(gathered_bytes(u, cfg) for u in units),
-            "reduce_scatter_bytes": max(grad_bytes(u, cfg) for u in units)}
+def sharded_grad_bytes(unit: nn.Module, shards: int) -> int:
+    return sum(_rank0_numel(p, shards) * p.dtype.itemsize for p in unit.parameters() if p.requires_grad)
+
+
+def _backend(cfg: DictConfig) -> str:
+    backend = cfg.parallel.backend
+    if backend != "auto":
+        return backend
+    return "gloo" if cfg.trainer.device == "cpu" else "nccl"
+
+
+def optimizer_step_temporaries(model: nn.Module, cfg: DictConfig, shards: int, optimizer_bytes: int) -> int:
+    """Transient bytes of the optimizer step. AnyPrecisionAdamW updates in slices of CHUNK
+    elements: at most four fp32 temporaries of a slice alive at once (the Kahan path). torch's
+    AdamW on a GPU runs its foreach path, which takes a copy of every second moment (sqrt)."""
+    if cfg.optim.name == "anyprecision_adamw":
+        from .optim.anyprecision_adamw import CHUNK
+
+        largest = max((_rank0_numel(p, shards) for p in model.parameters() if p.requires_grad), default=0)
+        return 4 * 4 * min(largest, CHUNK)
+    return optimizer_bytes // 2
+
+
+def peak_schedule(model: nn.Module, cfg: DictConfig, shards: int, state: dict[str, int], activations: int
+                  ) -> dict[str, Any]:
+    """The highest moment of a steady training step (the optimizer state exists), walking FSDP2's
+    schedule unit by unit (torch.distributed.fsdp._fully_shard, torch 2.11-2.13):
+
+    - forward of unit k: the flat all-gather output of k-1 (kept until k's copy-out, to overlap
+      the two), k's flat output and its unsharded parameters (one shard: no flat output, the
+      unsharded copy only);
+    - backward of unit k, later units' gradients already reduced and sharded, the largest of:
+      (a) k's unsharded parameters, k-1's prefetched, k's unsharded gradients as autograd makes
+      them, and k+1's reduce-scatter input (FSDP2 keeps one in flight);
+      (b) the prefetch of k-1: its flat all-gather output beside its unsharded copy;
+      (c) the reduce-scatter copy-in: k's gradients and its reduce-scatter input (k's
+      parameters resharded, k+1's input released);
+    - the optimizer step: all state, every gradient, and the step's temporaries.
+    Activations (one micro-batch, as configured) are counted at every moment of forward and
+    backward. Returns the peak, its moment, and the buffer bytes at that moment."""
+    units = []
+    for name, m in _units(model):
+        units.append({"name": name, "G": gathered_bytes(m, cfg), "flat": gathered_bytes(m, cfg, shards, padded=True)
+                      if shards > 1 else 0, "R": grad_bytes(m, cfg, 1, "compute"), "RS": grad_bytes(m, cfg, shards),
+                      "g": sharded_grad_bytes(m, shards)})
+    unit_ids = {id(p) for _, m in _units(model) for p in m.parameters()}
+    root = [p for p in model.parameters() if id(p) not in unit_ids]  # final norm, head: gathered all step
+    compute = to_dtype(cfg.parallel.param_dtype).itemsize
+    root_gathered = sum(p.numel() for p in root) * compute
+    root_grads = sum(p.numel() for p in root if p.requires_grad) * compute
+    held = state["params_bytes"] + state["optimizer_bytes"] + root_gathered
+    # gloo (CPU) copies in its collectives (measured, torch 2.13): all_gather_into_tensor one
+    # output-sized buffer, reduce_scatter_tensor its input and one output. NCCL copies nothing.
+    gloo = _backend(cfg) == "gloo" and shards > 1
+    moments = []  # (where, gathered, gradient buffers, total)
+    for k, u in enumerate(units):
+        prev_flat = units[k - 1]["flat"] if k else 0
+        gathered = prev_flat + u["flat"] * (2 if gloo else 1) + u["G"]
+        moments.append((f"forward of {u['name']}", gathered, 0, held + gathered + activations))
+    reduced = 0
+    for k in reversed(range(len(units))):
+        u, prev = units[k], units[k - 1] if k else None
+        rs_after = units[k + 1]["RS"] if k + 1 < len(units) else 0
+        g_prev = prev["G"] if prev else 0
+        rs_out = u["RS"] // shards
+        cases = [(u["G"] + g_prev, u["R"] + rs_after),  # (a) k's backward computes
+                 (u["G"] + g_prev + (prev["flat"] * (2 if gloo else 1) if prev else 0), rs_after),  # (b) prefetch
+                 (g_prev, u["R"] + u["RS"]),  # (c) reduce-scatter copy-in
+                 (g_prev, u["RS"] + rs_out + ((u["RS"] + rs_out) if gloo else 0))]  # (d) the reduce-scatter
+        gathered, grads = max(cases, key=sum)
+        grads += root_grads
+        moments.append((f"backward of {u['name']}", gathered, grads,
+                        held + reduced + gathered + grads + activations))
+        reduced += u["g"]
+    temps = optimizer_step_temporaries(model, cfg, shards, state["optimizer_bytes"])
+    moments.append(("optimizer step", 0, 0, held + state["grads_bytes"] + temps))
+    where, gathered, grads, peak = max(moments, key=lambda m: m[3])
+    return {"peak_bytes": peak, "peak_moment": where, "allgather_bytes": gathered + root_gathered,
+            "reduce_scatter_bytes": grads, "optimizer_step_bytes": temps}
 
 
 def activation_bytes(args, tokens: int, dtype: torch.dtype, checkpointing: bool) -> int:
@@ -274,12 +356,16 @@ def plan(cfg: DictConfig) -> PlanResult:
     with fake_world(world):
         model, mesh = sharded_model(cfg, args, world)
         state = state_bytes(model, cfg, shards)
-        buffers = fsdp_buffer_bytes(model, cfg, shards)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        gathered_full = sum(gathered_bytes(u, cfg) for u in _units(model))
+        gathered_full = sum(gathered_bytes(u, cfg, max(shards, 2)) for _, u in _units(model))
         trainable_full = grad_bytes(model, cfg)
         mesh_shape = list(mesh.shape)
+        args_dtype = to_dtype(cfg.parallel.param_dtype)
+        ac = bool(cfg.model.activation_checkpointing)
+        act = activation_bytes(args, cfg.data.max_tokens, args_dtype, ac)
+        act_other = activation_bytes(args, cfg.data.max_tokens, args_dtype, not ac)
+        schedule = peak_schedule(model, cfg, shards, state, act)
         del model
 
     try:
@@ -288,17 +374,12 @@ def plan(cfg: DictConfig) -> PlanResult:
         shape = None
         notes.append(f"training data not readable here ({str(e).splitlines()[0][:200]}): budget fill, tokens and "
                      "FLOPs per step are computed for full micro-batches of data.max_tokens")
-    tokens_mb = cfg.data.max_tokens
-    compute = to_dtype(cfg.parallel.param_dtype)
-    ac = bool(cfg.model.activation_checkpointing)
-    act = activation_bytes(args, tokens_mb, compute, ac)
-    act_other = activation_bytes(args, tokens_mb, compute, not ac)
     overhead = int(pc.overhead_gb * GB)
-    per_device = {**state, **buffers, "activations_bytes": act,
+    per_device = {**state, "allgather_bytes": schedule["allgather_bytes"],
+                  "reduce_scatter_bytes": schedule["reduce_scatter_bytes"],
+                  "optimizer_step_bytes": schedule["optimizer_step_bytes"], "activations_bytes": act,
                   f"activations_{'without' if ac else 'with'}_checkpointing_bytes": act_other,
-                  "overhead_bytes": overhead}
-    per_device["peak_bytes"] = (state["params_bytes"] + state["grads_bytes"] + state["optimizer_bytes"]
-                                + buffers["allgather_bytes"] + buffers["reduce_scatter_bytes"] + act + overhead)
+                  "overhead_bytes": overhead, "peak_bytes": schedule["peak_bytes"] + overhead}
     capacity = int(pc.gpu_memory_gb * GB)
     fits = per_device["peak_bytes"] <= capacity
 
@@ -348,7 +429,7 @@ def plan(cfg: DictConfig) -> PlanResult:
     return PlanResult(
         world_size=world, nodes=nodes, gpus_per_node=gpus_per_node, mesh=mesh_shape, adapter=adapter,
         architecture=args.architecture(), per_device=per_device, fits=fits, gpu_memory_bytes=capacity,
-        activation_checkpointing=ac, trainable_params=trainable, total_params=total,
+        peak_moment=schedule["peak_moment"], activation_checkpointing=ac, trainable_params=trainable, total_params=total,
         budget_fill=shape["budget_fill"] if shape else None,
         tokens_per_gpu_per_step=shape["tokens_per_gpu_per_step"] if shape else None,
         micro_batches_per_step=shape["micro_batches"] if shape else None,
@@ -379,14 +460,17 @@ def report(p: PlanResult) -> str:
     d = p.per_device
     rows = [("parameters", d["params_bytes"]), ("  of which NF4 base", d["nf4_base_bytes"]),
             ("  of which adapters", d["adapter_bytes"]), ("gradients", d["grads_bytes"]),
-            ("optimizer state", d["optimizer_bytes"]), ("FSDP all-gather buffers", d["allgather_bytes"]),
-            ("FSDP reduce-scatter buffer", d["reduce_scatter_bytes"]),
+            ("optimizer state", d["optimizer_bytes"]),
+            ("optimizer step temporaries", d["optimizer_step_bytes"]),
+            ("gathered weights at the peak", d["allgather_bytes"]),
+            ("unsharded gradients at the peak", d["reduce_scatter_bytes"]),
             (f"activations (checkpointing {'on' if p.activation_checkpointing else 'off'})", d["activations_bytes"]),
             *[(k.removesuffix("_bytes").replace("_", " "), v) for k, v in d.items() if k.startswith("activations_w")],
-            ("overhead (context, allocator, NCCL)", d["overhead_bytes"]), ("peak", d["peak_bytes"])]
+            ("overhead (context, allocator, NCCL)", d["overhead_bytes"]),
+            (f"peak ({p.peak_moment})", d["peak_bytes"])]
     lines = [f"world size {p.world_size} ({p.nodes} node(s) x {p.gpus_per_node}), mesh {p.mesh}, adapter {p.adapter}; "
              f"{p.trainable_params:,} of {p.total_params:,} parameters train",
-             "per GPU:"] + [f"  {name:44s} {b / GB:9.2f} GB" for name, b in rows]
+             "per GPU:"] + [f"  {name:48s} {b / GB:9.2f} GB" for name, b in rows]
     if p.budget_fill is not None:
         lines.append(f"tokens per GPU per step {p.tokens_per_gpu_per_step:,.0f} in {p.micro_batches_per_step:.1f} "
                      f"micro-batch(es); budget fill {p.budget_fill:.0%}")

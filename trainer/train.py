@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import flops as flops_lib
+from . import memory
 from .build import architecture_record, build_model, check_same_base
 from .checkpoint import Checkpointer, Stateful, step_dir_name, verify_checkpoint
 from .config import to_container
@@ -131,6 +132,7 @@ class Trainer:
 
         torch.manual_seed(tcfg.seed)  # identical init on every rank, whatever happened above
         self.mesh = build_mesh(self.info, cfg.parallel.dp_replicate)
+        self._memory_baseline = memory.current_bytes(self.info.device)  # what training adds is measured above it
         self.model, self.model_args, self.base = build_model(cfg, self.task, self.info, self.mesh)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler_from_cfg(self.optimizer, cfg.optim, self.total_steps)
@@ -138,7 +140,7 @@ class Trainer:
         torch.manual_seed(tcfg.seed * 1_000_003 + self.info.rank + 1)
 
         self.progress = TrainProgress()
-        self._state_bytes_logged = False
+        self._memory_steps = 0  # steps of this process measured into memory.json (the first two)
         self.loss_buffer = LossBuffer(tcfg.loss_buffer_size)
         # Started after a resume has restored its run id: the job continues the same wandb run.
         self.logger = MetricsLogger(self.run_dir, rank=self.info.rank, wandb_cfg=cfg.logging.wandb,
@@ -150,6 +152,7 @@ class Trainer:
         if self.resumed_from is not None:
             self._load(self.resumed_from)
         self.logger.start()
+        memory.reset_peak(self.info.device)  # the first step's peak, not the build's transients
         peak = tcfg.peak_flops_per_device
         self.peak_flops = flops_lib.peak_flops(flops_lib.detect_peak_key(self.info.device), peak)
 
@@ -247,21 +250,31 @@ class Trainer:
                 f"rows with non-finite loss: {ids[:50]}; stopped before the optimizer update (no checkpoint written)")
         self.optimizer.step()
         self.scheduler.step()
-        if not self._state_bytes_logged:  # after this process's first step: optimizer state is lazy
-            self._log_state_bytes()
+        if self._memory_steps < 2:  # optimizer state is lazy: the steady peak is the second step's
+            self._memory_steps += 1
+            self._record_memory()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": g_loss / max(g_rows, 1.0), "rows": g_rows, "tokens": g_tokens, "grad_norm": grad_norm,
                 "flops": g_flops}
 
-    def _log_state_bytes(self) -> None:
-        """What each rank holds (parameters, gradients, optimizer state), in one line on rank 0."""
-        self._state_bytes_logged = True
-        per_rank = all_gather_objects(local_state_bytes(self.model, self.optimizer))
+    def _record_memory(self) -> None:
+        """What each rank holds (parameters, gradients, optimizer state) and its peak since the
+        build above what it held before it, after this process's first and second steps (the
+        first backward runs before the optimizer state exists): a log line and ``memory.json`` on
+        rank 0, the measured counterpart of ``launch.plan``'s per-GPU figures (trainer/memory.py)."""
+        dev = self.info.device
+        mine = {**local_state_bytes(self.model, self.optimizer),
+                "peak": memory.peak_bytes(dev) - self._memory_baseline, "baseline": self._memory_baseline}
+        per_rank = all_gather_objects(mine)
         if self.info.is_main:
             mib = 2**20
-            log.info("state per rank, MiB (params / grads / optimizer = total): %s", "; ".join(
+            log.info("memory per rank, MiB (params / grads / optimizer = state; peak over %d step(s)): %s",
+                     self._memory_steps, "; ".join(
                 f"rank {r}: {b['params'] / mib:.1f} / {b['grads'] / mib:.1f} / {b['optimizer'] / mib:.1f} = "
-                f"{b['total'] / mib:.1f}" for r, b in enumerate(per_rank)))
+                f"{b['total'] / mib:.1f}; peak {b['peak'] / mib:.1f}" for r, b in enumerate(per_rank)))
+            record = {"step": self.step + 1, "steps_measured": self._memory_steps, "world_size": self.info.world_size, "device": str(dev),
+                      "peak_method": memory.method(dev), "per_rank": per_rank}
+            (self.run_dir / "memory.json").write_text(json.dumps(record, indent=1))
 
     # ---- main loop ----------------------------------------------------------------------
     def fit(self) -> TrainResult:
