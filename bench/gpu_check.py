@@ -345,7 +345,8 @@ def part_lora(a) -> dict:
         losses = [r["loss_step"] for r in run["steps"]]
         rows.append(_row(f"{adapter}: losses", [round(x, 6) for x in losses]))
         for pattern, metric in ((r"adapter \w+ .*?: (\d+) trainable of (\d+) parameters", "trainable / total params"),
-                                (r"memory per rank, MiB .*?: (.*)$", "per rank: params / grads / optim = state; peak, MiB")):
+                                (r"memory per rank, MiB .*?: (.*)$",
+                                 "per rank: params / grads / optim = state; peak, MiB")):
             m = re.search(pattern, run["log"], re.M)
             rows.append(_row(f"{adapter}: {metric}", " / ".join(m.groups()) if m else None))
         ok = ok and len(losses) == 3 and all(map(math.isfinite, losses))

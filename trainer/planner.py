@@ -429,7 +429,8 @@ def plan(cfg: DictConfig) -> PlanResult:
     return PlanResult(
         world_size=world, nodes=nodes, gpus_per_node=gpus_per_node, mesh=mesh_shape, adapter=adapter,
         architecture=args.architecture(), per_device=per_device, fits=fits, gpu_memory_bytes=capacity,
-        peak_moment=schedule["peak_moment"], activation_checkpointing=ac, trainable_params=trainable, total_params=total,
+        peak_moment=schedule["peak_moment"], activation_checkpointing=ac, trainable_params=trainable,
+        total_params=total,
         budget_fill=shape["budget_fill"] if shape else None,
         tokens_per_gpu_per_step=shape["tokens_per_gpu_per_step"] if shape else None,
         micro_batches_per_step=shape["micro_batches"] if shape else None,

@@ -272,8 +272,8 @@ class Trainer:
                      self._memory_steps, "; ".join(
                 f"rank {r}: {b['params'] / mib:.1f} / {b['grads'] / mib:.1f} / {b['optimizer'] / mib:.1f} = "
                 f"{b['total'] / mib:.1f}; peak {b['peak'] / mib:.1f}" for r, b in enumerate(per_rank)))
-            record = {"step": self.step + 1, "steps_measured": self._memory_steps, "world_size": self.info.world_size, "device": str(dev),
-                      "peak_method": memory.method(dev), "per_rank": per_rank}
+            record = {"step": self.step + 1, "steps_measured": self._memory_steps,
+                      "world_size": self.info.world_size, "device": str(dev), "peak_method": memory.method(dev), "per_rank": per_rank}
             (self.run_dir / "memory.json").write_text(json.dumps(record, indent=1))
 
     # ---- main loop ----------------------------------------------------------------------
