@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import json
 import re
 import signal
 from pathlib import Path
@@ -182,6 +183,18 @@ def _corrupt(ckpt: Path, how: str) -> None:
         shard = sorted(ckpt.glob("*.distcp"))[-1]
         with open(shard, "r+b") as f:
             f.truncate(shard.stat().st_size // 2)
+    elif how == "flipped_byte":  # same size, one byte of tensor data changed: only the checksum sees it
+        shard = sorted(ckpt.glob("*.distcp"))[-1]
+        with open(shard, "r+b") as f:
+            f.seek(shard.stat().st_size // 2)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x10]))
+    elif how == "edited_state":  # still valid JSON, one number changed: the seal sees it
+        state_file = ckpt / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        state["state"]["progress"]["tokens_seen"] += 1
+        state_file.write_text(json.dumps(state, indent=1))
     elif how == "missing_metadata":
         (ckpt / ".metadata").unlink()
     elif how == "garbage_state":
@@ -195,6 +208,8 @@ def _corrupt(ckpt: Path, how: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how,message", [
+    ("flipped_byte", r"file __1_0\.distcp does not match its recorded sha256 \(corrupted on disk\)"),
+    ("edited_state", r"trainer_state\.json does not match its seal"),
     ("truncated_shard", r"\.distcp has \d+ bytes, expected \d+ \(truncated"),
     ("missing_metadata", r"DCP \.metadata is missing"),
     ("garbage_state", r"trainer_state\.json is corrupt"),
@@ -206,9 +221,12 @@ def test_corrupt_checkpoint_is_refused_and_previous_used(how, message, tmp_path)
     ckpts = run_dir / "checkpoints"
     bad = ckpts / "step-00000004"
     _corrupt(bad, how)
-    with pytest.raises(CheckpointError, match=message):
+    if how == "flipped_byte":  # the structural check passes; the checksums refuse it
         verify_checkpoint(bad)
-    chosen, problems = find_latest(ckpts)
+        assert find_latest(ckpts)[0] == bad
+    with pytest.raises(CheckpointError, match=message):
+        verify_checkpoint(bad, contents=True)
+    chosen, problems = find_latest(ckpts, contents=True)
     assert chosen == ckpts / "step-00000002"
     assert len(problems) == 1 and re.search(message, problems[0]) and str(bad) in problems[0]
     # An explicit trainer.resume=<path> to a bad checkpoint is an error, not a silent fallback.
@@ -219,18 +237,28 @@ def test_corrupt_checkpoint_is_refused_and_previous_used(how, message, tmp_path)
 
 @pytest.mark.slow
 def test_training_resumes_from_previous_when_latest_is_corrupt(tmp_path):
-    """End to end: the latest checkpoint has a truncated shard; the restarted run says why it
-    refuses it, resumes from the one before, and reproduces the same final weights."""
+    """End to end: one byte of the latest checkpoint's shard is flipped (same size); the
+    restarted 2-rank run checks every file's SHA-256 (the ranks sharing the files), refuses it
+    naming the file, records the event, resumes from the one before, and ends with weights
+    bitwise equal to the uninterrupted run's."""
     ref = h.shared_run(2, FP32)
     run_dir = h.copy_run(ref, tmp_path / "run", checkpoints_upto=4)  # drops .done and result.json
-    _corrupt(run_dir / "checkpoints" / "step-00000004", "truncated_shard")
+    _corrupt(run_dir / "checkpoints" / "step-00000004", "flipped_byte")
     proc = h.run(run_dir, 2, FP32)
     text = h.log_text(proc)
-    assert re.search(r"checkpoint refused: \S+step-00000004: file __\d_0\.distcp has \d+ bytes", text), text[-3000:]
+    assert re.search(r"WARNING .*checkpoint refused: \S+step-00000004: file __1_0\.distcp does not match its "
+                     r"recorded sha256", text), text[-3000:]
+    assert "not the newest checkpoint" in text
     assert _resumed_step(proc) == 2
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "event"' in line]
+    assert [(e["event"], e["step"]) for e in events] == [("checkpoint_refused", 2)]
+    assert "__1_0.distcp" in events[0]["detail"]
     h.assert_weights_equal(h.load_weights(h.latest_checkpoint(run_dir)),
                            h.load_weights(h.latest_checkpoint(ref)))
     assert h.losses(run_dir) == h.losses(ref)
+    # the new run's checkpoints carry checksums that verify
+    verify_checkpoint(h.latest_checkpoint(run_dir), contents=True)
 
 
 @pytest.mark.slow

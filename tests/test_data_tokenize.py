@@ -169,3 +169,29 @@ def test_prepare_from_config(tmp_path):
     again = load_split(cfg, ARENA_TASK, "eval")  # what the training job calls: a cache hit
     np.testing.assert_array_equal(again.input_ids, out["eval"].input_ids)
     assert not has_split(cfg, "test")
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped_byte", "not_a_zip"])
+def test_corrupt_cache_is_rebuilt_not_trusted(tmp_path, caplog, how):
+    """A truncated or corrupted cache file is rebuilt (WARNING + an event the trainer logs), and
+    the rebuilt dataset is the freshly tokenized one."""
+    d = tmp_path / "cache"
+    fresh = load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 1024, cache_dir=d)
+    (cache,) = d.glob("*.npz")
+    data = bytearray(cache.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "flipped_byte":  # inside the input_ids member: its CRC-32 no longer matches
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = bytearray(b"garbage" * 10)
+    cache.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        again = load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 1024, cache_dir=d)
+    assert "unreadable tokenized cache" in caplog.text and str(cache) in caplog.text
+    assert [e for e, _ in again.events] == ["tokenized_cache_rebuilt"]
+    np.testing.assert_array_equal(again.input_ids, fresh.input_ids)
+    np.testing.assert_array_equal(again.offsets, fresh.offsets)
+    np.testing.assert_array_equal(again.labels, fresh.labels)
+    # the rebuilt file is whole again: the next load is a plain hit
+    assert load_tokenized(ARENA / "eval.csv", ARENA_TASK, TOK, 1024, cache_dir=d).events == []

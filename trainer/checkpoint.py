@@ -9,7 +9,8 @@ Layout of ``<run_dir>/checkpoints``::
         trainer_state.json  step and the caller's metadata (config, architecture, task), the
                             ``state_dict()`` of every non-tensor Stateful handed to save()
                             under "state" (sampler, loss buffer, scheduler, counters, logger),
-                            and the byte size of every file above (truncation check)
+                            the byte size and SHA-256 of every file above, and a SHA-256 of
+                            its own contents ("seal")
     step-00000020.tmp/      being written, or left behind by a crash: never loaded
     latest                  text file naming the last committed checkpoint
 
@@ -17,10 +18,18 @@ A checkpoint is written under ``.tmp`` and renamed by rank 0 only once every ran
 and DCP's metadata are on disk, so a directory without ``.tmp`` is complete by construction.
 No rank gathers the full model. Nothing is ever unpickled on load: tensors come from DCP,
 DCP's rare non-tensor leaves go through a weights-only unpickler, the rest is JSON.
+
+Checksums: each rank hashes the shard files it wrote (in parallel; for an async save in DCP's
+background thread, as soon as its write is done), rank 0 records them with the sizes. Resume
+verifies every file before loading, the ranks sharing the files, and falls back to the newest
+checkpoint that verifies, saying which file failed; export and predict verify too. A cheap
+structural check (files present, sizes, DCP metadata, the seal) runs wherever a checkpoint is
+only listed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -42,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .distributed import barrier, broadcast_object
+from .distributed import all_gather_objects, barrier, broadcast_object
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -52,7 +61,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # fingerprint checked); a full fine-tune has nothing frozen, so this changes nothing there.
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 STATE_FILE = "trainer_state.json"
-FORMAT = 2
+FORMAT = 3  # 3: per-file SHA-256 and the seal
+CHECKSUM = "sha256"
 
 
 class Stateful(Protocol):
@@ -139,8 +149,29 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return the trainer state of a complete checkpoint, or raise CheckpointError saying why."""
+def file_digest(path: Path, block: int = 8 << 20) -> str:
+    """SHA-256 of a file, read in 8 MiB blocks (hashlib releases the GIL on large updates)."""
+    h = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _seal(state: Mapping[str, Any]) -> str:
+    """SHA-256 of the trainer state's canonical JSON (everything but the seal itself)."""
+    body = {k: v for k, v in state.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=_json_value).encode()).hexdigest()
+
+
+def verify_checkpoint(path: Path, *, contents: bool = False) -> dict[str, Any]:
+    """Return the trainer state of a complete checkpoint, or raise CheckpointError saying why.
+
+    Always: files present with their recorded sizes, DCP metadata readable, the trainer state
+    sealed. ``contents=True`` also checks every file's SHA-256 (reads the whole checkpoint; the
+    resume path shares that work across ranks with ``verify_files``)."""
     path = Path(path)
     if path.name.endswith(".tmp"):
         raise CheckpointError(f"{path}: a partial checkpoint (never committed)")
@@ -150,9 +181,12 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     if not state_file.is_file():
         raise CheckpointError(f"{path}: {STATE_FILE} is missing (incomplete checkpoint)")
     try:
-        state = _upgrade(json.loads(state_file.read_text()))
+        raw = json.loads(state_file.read_text())
+        state = _upgrade(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: {STATE_FILE} is corrupt: {e}") from e
+    if "seal" in raw and _seal(raw) != raw["seal"]:
+        raise CheckpointError(f"{path}: {STATE_FILE} does not match its seal (changed or corrupted after the save)")
     for name, size in state.get("files", {}).items():
         f = path / name
         if not f.is_file():
@@ -163,7 +197,21 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - any failure to parse means unusable
         raise CheckpointError(f"{path}: DCP metadata unreadable: {e}") from e
+    if contents:
+        bad = verify_files(path, state, sorted(state.get("checksums", {})))
+        if bad:
+            raise CheckpointError(bad[0])
     return state
+
+
+def verify_files(path: Path, state: Mapping[str, Any], names: list[str]) -> list[str]:
+    """Problems with ``names`` of a checkpoint: each file's SHA-256 against the recorded one."""
+    recorded = state.get("checksums", {})
+    problems = []
+    for name in names:
+        if file_digest(Path(path) / name) != recorded[name]:
+            problems.append(f"{path}: file {name} does not match its recorded {CHECKSUM} (corrupted on disk)")
+    return problems
 
 
 def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
@@ -176,14 +224,15 @@ def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
         "logger": {"wandb_run_id": state.get("wandb_run_id")}}}
 
 
-def find_latest(root: Path) -> tuple[Path | None, list[str]]:
-    """Newest checkpoint that verifies, and the reasons the newer ones were refused."""
+def find_latest(root: Path, *, contents: bool = False) -> tuple[Path | None, list[str]]:
+    """Newest checkpoint that verifies (``contents``: checksums too), and the reasons the newer
+    ones were refused."""
     problems = []
     if root.is_dir():
         problems += [f"{p}: a partial checkpoint (never committed), ignored" for p in sorted(root.glob("step-*.tmp"))]
     for _, path in reversed(list_checkpoints(root)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, contents=contents)
             return path, problems
         except CheckpointError as e:
             problems.append(str(e))
@@ -198,7 +247,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self.device = device
-        self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None
+        self._pending: tuple[Future, Path, Path, dict[str, Any]] | None = None  # digests future, ...
         self._group = None
         if async_save and dist.is_initialized():
             # DCP's background thread must not share the training group: interleaved
@@ -234,10 +283,10 @@ class Checkpointer:
 
             fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
                                  async_checkpointer_type=AsyncCheckpointerType.THREAD)
-            self._pending = (fut, tmp, final, trainer_state)
+            self._pending = (self._digest_when_written(fut, tmp), tmp, final, trainer_state)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
-            self._commit(tmp, final, trainer_state)
+            self._commit(tmp, final, trainer_state, self._own_digests(tmp))
         self.last_blocking_s = time.perf_counter() - t0
 
     def wait(self) -> None:
@@ -246,8 +295,7 @@ class Checkpointer:
             return
         fut, tmp, final, trainer_state = self._pending
         self._pending = None
-        fut.result()
-        self._commit(tmp, final, trainer_state)
+        self._commit(tmp, final, trainer_state, fut.result())
 
     def close(self, *, failed: bool = False, timeout_s: float = 300.0) -> None:
         """Release the checkpointer. Normally: commit an in-flight async save (collective).
@@ -268,13 +316,36 @@ class Checkpointer:
         else:
             log.warning("async checkpoint %s written but not committed (the run failed)", tmp)
 
-    def _commit(self, tmp: Path, final: Path, trainer_state: dict[str, Any]) -> None:
+    def _own_digests(self, tmp: Path) -> dict[str, str]:
+        """SHA-256 of the shard files this rank wrote (DCP names them ``__<rank>_<n>.distcp``)."""
+        return {p.name: file_digest(p) for p in sorted(tmp.glob(f"__{self.rank}_*.distcp"))}
+
+    def _digest_when_written(self, fut: Future, tmp: Path) -> Future:
+        """A future of this rank's digests, hashed in DCP's writer thread once its write is done."""
+        out: Future = Future()
+
+        def done(f: Future) -> None:
+            try:
+                f.result()
+                out.set_result(self._own_digests(tmp))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits
+                out.set_exception(e)
+
+        fut.add_done_callback(done)
+        return out
+
+    def _commit(self, tmp: Path, final: Path, trainer_state: dict[str, Any], digests: dict[str, str]) -> None:
         # DCP's coordinator writes .metadata only after every rank reported its writes done,
-        # and dcp.save returns on all ranks after that; the barrier makes it explicit.
-        barrier()
+        # and dcp.save returns on all ranks after that; gathering the digests is the barrier.
+        gathered = all_gather_objects(digests)
         if self.rank == 0:
+            checksums = {name: d for part in gathered for name, d in part.items()}
             files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-            _write_json_atomic(tmp / STATE_FILE, {**trainer_state, "files": files})
+            for name in files.keys() - checksums.keys():  # .metadata, and anything DCP named otherwise
+                checksums[name] = file_digest(tmp / name)
+            record = {**trainer_state, "files": files, "checksums": {k: checksums[k] for k in sorted(files)}}
+            record["seal"] = _seal(record)
+            _write_json_atomic(tmp / STATE_FILE, record)
             _fsync_dir(tmp)
             os.replace(tmp, final)
             _fsync_dir(self.root)
@@ -290,27 +361,61 @@ class Checkpointer:
 
     # ---- load -------------------------------------------------------------------------
     def resolve(self, resume: str) -> Path | None:
-        """Pick the checkpoint to resume from ('auto', 'never' or a path), same on all ranks."""
-        choice: str | None = None
+        """Pick the checkpoint to resume from ('auto', 'never' or a path), same on all ranks.
+
+        Collective. Every file's SHA-256 is checked before use, the ranks sharing the files.
+        'auto' takes the newest checkpoint that verifies; what it refused on the way (and why) is
+        logged at WARNING and kept in ``self.refused`` for the run's event log. An explicit path
+        that does not verify is an error."""
+        self.refused: list[str] = []
+        if resume == "never":
+            return None
+        if resume == "auto":
+            listed = None
+            if self.rank == 0:
+                listed = [(None, f"{p}: a partial checkpoint (never committed), ignored")
+                          for p in sorted(self.root.glob("step-*.tmp"))] if self.root.is_dir() else []
+                for _, path in reversed(list_checkpoints(self.root)):
+                    try:
+                        verify_checkpoint(path)
+                        listed.append((str(path), None))
+                    except CheckpointError as e:
+                        listed.append((None, str(e)))
+            choice = None
+            for path, problem in broadcast_object(listed):
+                if problem is None:
+                    problems = self._verify_contents(Path(path))
+                    if not problems:
+                        choice = Path(path)
+                        break
+                    problem = "; ".join(problems)
+                self.refused.append(problem)
+                if self.rank == 0:
+                    log.warning("checkpoint refused: %s", problem)
+            if choice is not None and self.refused and self.rank == 0 and list_checkpoints(self.root)[-1][1] != choice:
+                log.warning("resuming from %s, not the newest checkpoint: the newer ones were refused above", choice)
+            return choice
+        if not Path(resume).is_dir():
+            raise CheckpointError(f"trainer.resume={resume}: no such checkpoint directory (use auto, never, "
+                                  "or a checkpoints/step-N directory)")
+        problem = None
         if self.rank == 0:
-            if resume == "never":
-                choice = None
-            elif resume == "auto":
-                path, problems = find_latest(self.root)
-                for p in problems:
-                    log.warning("checkpoint refused: %s", p)
-                choice = str(path) if path else None
-            else:
-                if not Path(resume).is_dir():
-                    raise CheckpointError(f"trainer.resume={resume}: no such checkpoint directory (use auto, never, "
-                                          "or a checkpoints/step-N directory)")
-                try:
-                    verify_checkpoint(Path(resume))  # an explicit choice must be valid: raise
-                except CheckpointError as e:
-                    raise CheckpointError(f"trainer.resume={resume}: {e}") from e
-                choice = resume
-        choice = broadcast_object(choice)
-        return Path(choice) if choice else None
+            try:
+                verify_checkpoint(Path(resume))
+            except CheckpointError as e:
+                problem = str(e)
+        problem = broadcast_object(problem)
+        problems = [problem] if problem else self._verify_contents(Path(resume))
+        if problems:  # an explicit choice must be valid
+            raise CheckpointError(f"trainer.resume={resume}: {problems[0]}")
+        return Path(resume)
+
+    def _verify_contents(self, path: Path) -> list[str]:
+        """Collective: every file's checksum, file i checked by rank i mod world size."""
+        state = verify_checkpoint(path)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = verify_files(path, state, sorted(state.get("checksums", {}))[self.rank::world])
+        return [p for part in all_gather_objects(mine) for p in part]
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              states: Mapping[str, Stateful]) -> dict[str, Any]:

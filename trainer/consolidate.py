@@ -36,15 +36,16 @@ EXPORT_RECORD = "arena_trainer.json"  # written by launch.export beside the weig
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step-N directory, or a run directory / checkpoints directory (its latest complete one)."""
+    """A step-N directory, or a run directory / checkpoints directory (its newest checkpoint that
+    verifies). Every file's SHA-256 is checked before use."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint={path}: no such file or directory")
     if (path / ".metadata").is_file():
-        verify_checkpoint(path)
+        verify_checkpoint(path, contents=True)
         return path
     for root in (path / "checkpoints", path):
-        found, problems = find_latest(root)
+        found, problems = find_latest(root, contents=True)
         for p in problems:
             log.warning("checkpoint refused: %s", p)
         if found is not None:

@@ -29,12 +29,14 @@ from .config import to_container
 from .data.collate import PackedBatch, Step, VarlenCollator, make_step_loader
 from .data.sampler import TokenBudgetSampler
 from .datasets import has_split, load_split, resolve_task
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, destroy_distributed, init_distributed
+from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, broadcast_object, destroy_distributed,
+                          init_distributed)
 from .errors import CheckpointError
 from .evaluate import evaluate
 from .metrics import LossBuffer
 from .optim import build_optimizer, build_scheduler_from_cfg
 from .parallel import build_mesh, local_state_bytes
+from .runlock import RunDirInUse, RunLock
 from .runtime import (DONE_MARKER, PREEMPTED_MARKER, STOP_FILE, PreemptionWatcher, resolve_run_dir,
                       seed_everything, setup_logging)
 from .tracking import MetricsLogger, progress
@@ -106,6 +108,7 @@ class Trainer:
         setup_logging(self.run_dir, self.info.rank, cfg.logging.level)
         log.info("run directory: %s (world size %d, %s, backend %s)", self.run_dir, self.info.world_size,
                  self.info.device, self.info.backend)
+        self._hold_run_dir()
         if self.info.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             for marker in (STOP_FILE, PREEMPTED_MARKER):
@@ -152,6 +155,12 @@ class Trainer:
         if self.resumed_from is not None:
             self._load(self.resumed_from)
         self.logger.start()
+        for event, detail in self.train_ds.events + (self.eval_ds.events if self.eval_ds is not None else []):
+            self.logger.log_event(event, detail, self.step)  # e.g. a rebuilt tokenization cache
+        for problem in self.checkpointer.refused:  # resume fell back past these (logged at WARNING)
+            self.logger.log_event("checkpoint_refused", problem, self.step)
+        if self.run_lock is not None and self.run_lock.took_over:
+            self.logger.log_event("run_lock_taken_over", self.run_lock.took_over, self.step)
         memory.reset_peak(self.info.device)  # the first step's peak, not the build's transients
         peak = tcfg.peak_flops_per_device
         self.peak_flops = flops_lib.peak_flops(flops_lib.detect_peak_key(self.info.device), peak)
@@ -184,17 +193,35 @@ class Trainer:
         self.checkpointer.save(self.step, self.model, self.optimizer, self.states, self._metadata())
         return self.checkpointer.root / step_dir_name(self.step)
 
+    def _hold_run_dir(self) -> None:
+        """One job per run directory (trainer/runlock.py): rank 0 takes the lock, every rank
+        raises the same error when another live job holds it."""
+        self.run_lock = RunLock(self.run_dir) if self.info.is_main else None
+        refusal = None
+        if self.run_lock is not None:
+            try:
+                self.run_lock.acquire()
+            except RunDirInUse as e:
+                self.run_lock, refusal = None, str(e)
+        refusal = broadcast_object(refusal)
+        if refusal:
+            raise RunDirInUse(refusal)
+
     def close(self, failed: bool = False) -> None:
-        """Commit (or, after a failure, abandon) an in-flight async save and finish the wandb
-        run; idempotent, and safe on a partly set-up trainer."""
+        """Commit (or, after a failure, abandon) an in-flight async save, finish the wandb run
+        and release the run directory; idempotent, and safe on a partly set-up trainer."""
         checkpointer = getattr(self, "checkpointer", None)
         logger = getattr(self, "logger", None)
         try:
             if checkpointer is not None:
                 checkpointer.close(failed=failed)
         finally:
-            if logger is not None:
-                logger.finish(exit_code=1 if failed else 0)
+            try:
+                if logger is not None:
+                    logger.finish(exit_code=1 if failed else 0)
+            finally:
+                if getattr(self, "run_lock", None) is not None:
+                    self.run_lock.release()
 
     # ---- steps --------------------------------------------------------------------------
     def _steps(self) -> Iterator[Step]:
@@ -273,7 +300,8 @@ class Trainer:
                 f"rank {r}: {b['params'] / mib:.1f} / {b['grads'] / mib:.1f} / {b['optimizer'] / mib:.1f} = "
                 f"{b['total'] / mib:.1f}; peak {b['peak'] / mib:.1f}" for r, b in enumerate(per_rank)))
             record = {"step": self.step + 1, "steps_measured": self._memory_steps,
-                      "world_size": self.info.world_size, "device": str(dev), "peak_method": memory.method(dev), "per_rank": per_rank}
+                      "world_size": self.info.world_size, "device": str(dev), "peak_method": memory.method(dev),
+                      "per_rank": per_rank}
             (self.run_dir / "memory.json").write_text(json.dumps(record, indent=1))
 
     # ---- main loop ----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +38,8 @@ class TokenizedDataset:
     labels: np.ndarray | None  # [N, num classes] float32; None for unlabelled (test) files
     swapped: np.ndarray  # [N] bool: row rendered through the task's augmentation (Arena: A/B swapped)
     report: IngestReport | None = None
+    # faults handled while loading, as (event, detail): the trainer logs them to metrics.jsonl
+    events: list = field(default_factory=list, compare=False)
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -59,7 +61,7 @@ class TokenizedDataset:
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
         return TokenizedDataset(self.row_ids[indices], np.concatenate(parts) if parts else self.input_ids[:0],
                                 offsets, None if self.labels is None else self.labels[indices],
-                                self.swapped[indices], self.report)
+                                self.swapped[indices], self.report, self.events)
 
     @staticmethod
     def concat(parts: Sequence["TokenizedDataset"]) -> "TokenizedDataset":
@@ -72,7 +74,7 @@ class TokenizedDataset:
             np.concatenate([p.row_ids for p in parts]),
             np.concatenate([p.input_ids for p in parts]), offsets,
             None if parts[0].labels is None else np.concatenate([p.labels for p in parts]),
-            np.concatenate([p.swapped for p in parts]))
+            np.concatenate([p.swapped for p in parts]), events=[e for p in parts for e in p.events])
 
 
 def _file_sha256(path: Path) -> str:
@@ -150,10 +152,20 @@ def _save(path: Path, ds: TokenizedDataset) -> None:
 
 
 def _load(path: Path) -> TokenizedDataset:
-    with np.load(path, allow_pickle=False) as z:
-        report = IngestReport.from_json(json.loads(z["report"].tobytes().decode()))
-        return TokenizedDataset(z["row_ids"], z["input_ids"], z["offsets"],
-                                z["labels"] if "labels" in z else None, z["swapped"], report)
+    """Read a cache file; ValueError if it is not a whole, consistent one (npz members carry a
+    CRC-32 that zipfile checks on read, so a flipped byte fails here too)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            report = IngestReport.from_json(json.loads(z["report"].tobytes().decode()))
+            ds = TokenizedDataset(z["row_ids"], z["input_ids"], z["offsets"],
+                                  z["labels"] if "labels" in z else None, z["swapped"], report)
+    except Exception as e:  # noqa: BLE001 - zipfile, numpy and json each raise their own
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    n, off = len(ds.row_ids), ds.offsets
+    if (len(off) != n + 1 or off[0] != 0 or off[-1] != len(ds.input_ids) or np.any(np.diff(off) < 0)
+            or len(ds.swapped) != n or (ds.labels is not None and len(ds.labels) != n)):
+        raise ValueError("arrays of inconsistent lengths")
+    return ds
 
 
 def _ids_array(ids: list) -> np.ndarray:
@@ -195,14 +207,20 @@ def load_tokenized(path: str | Path, task: Task, tokenizer_path: str | Path, max
     part of the cache key.
     """
     path, tokenizer_path = Path(path), str(tokenizer_path)
-    cache_file = None
+    cache_file, rebuilt = None, None
     if cache_dir is not None and path.is_file():
         # The key needs no tokenizer: a cache hit never pays the ~3 s tokenizer build.
         key = cache_key(path, task, tokenizer_path, max_length, swap_ab, on_bad_row)
         cache_file = Path(cache_dir) / f"{path.stem}-{key}.npz"
         if cache_file.is_file():
-            log.info("%s: tokenized cache hit %s", path, cache_file)
-            return _filter_too_long(_load(cache_file), max_tokens, on_bad_row, str(path), task.text_fields)
+            try:
+                cached = _load(cache_file)
+            except ValueError as e:  # truncated or corrupted: rebuilt, never trusted
+                rebuilt = f"{cache_file}: unreadable tokenized cache ({str(e)[:200]}), rebuilt from {path}"
+                log.warning("%s", rebuilt)
+            else:
+                log.info("%s: tokenized cache hit %s", path, cache_file)
+                return _filter_too_long(cached, max_tokens, on_bad_row, str(path), task.text_fields)
 
     rows, report = task.read(path, on_bad_row)
     builder = task.renderer(load_tokenizer(tokenizer_path), max_length)
@@ -218,4 +236,6 @@ def load_tokenized(path: str | Path, task: Task, tokenizer_path: str | Path, max
         np.full(len(rows), bool(swap_ab)), report)
     if cache_file is not None:
         _save(cache_file, ds)
-    return _filter_too_long(ds, max_tokens, on_bad_row, str(path), task.text_fields)
+    out = _filter_too_long(ds, max_tokens, on_bad_row, str(path), task.text_fields)
+    out.events = [("tokenized_cache_rebuilt", rebuilt)] if rebuilt else []
+    return out

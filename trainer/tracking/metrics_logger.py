@@ -121,6 +121,16 @@ class MetricsLogger:
         if self._run is not None:
             self._run.log(clean, step=int(step))
 
+    def log_event(self, event: str, detail: str, step: int) -> None:
+        """A fault the run handled (a refused checkpoint, a rebuilt cache, ...): a ``kind:
+        "event"`` line in metrics.jsonl, and ``events/<event>`` counted in wandb."""
+        if not self._active():
+            return
+        self._write({"step": int(step), "kind": "event", "time": round(time.time(), 3), "event": event,
+                     "detail": detail})
+        if self._run is not None:
+            self._run.log({f"events/{event}": 1}, step=int(step))
+
     def log_eval(self, values: Mapping[str, Any], step: int, *, prefix: str = "eval") -> None:
         """Log evaluation metrics; keys get ``f"{prefix}/"`` unless already prefixed."""
         if not self._active():
