@@ -29,6 +29,7 @@ only listed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -44,6 +45,7 @@ from typing import Any, Mapping, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -166,6 +168,40 @@ def _seal(state: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=_json_value).encode()).hexdigest()
 
 
+def _local_bytes(state: Any) -> int:
+    """Bytes of the tensors (a DTensor's local shard) in a nested state dict."""
+    if isinstance(state, Mapping):
+        return sum(_local_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_local_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        t = state.to_local() if hasattr(state, "to_local") else state
+        return t.numel() * t.element_size()
+    return 0
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT / EFBIG behind a failed save (DCP wraps each rank's error)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return x
+        failures = getattr(x, "failures", None)  # torch's CheckpointException: {rank: exception}
+        if isinstance(failures, Mapping):
+            todo += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+        todo += [x.__cause__, x.__context__]
+    return None
+
+
+def _collective(e: CheckpointError) -> CheckpointError:
+    e.collective = True  # every rank raises it for the same reason: rank 0 reports it
+    return e
+
+
 def verify_checkpoint(path: Path, *, contents: bool = False) -> dict[str, Any]:
     """Return the trainer state of a complete checkpoint, or raise CheckpointError saying why.
 
@@ -254,6 +290,7 @@ class Checkpointer:
             # collectives from two threads on one gloo group mismatch (platform-facts.md).
             self._group = dist.new_group(backend="gloo")
         self.last_blocking_s = 0.0
+        self.preflight = True  # refuse a save the filesystem cannot hold before writing (tests turn it off)
 
     # ---- save -------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -273,21 +310,62 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-            if final.exists():  # re-saving the same step (e.g. end after a periodic save)
-                shutil.rmtree(final)
         barrier()
         msd, osd = get_state_dict(model, optimizer, options=TRAINABLE)
         state = {"model": msd, "optim": osd, _rng_key(self.rank): _rng_state(self.device)}
-        if self.async_save:
-            from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+        # what the save writes over all ranks, with DCP's metadata and framing
+        self._last_need = int(sum(all_gather_objects(_local_bytes(state))) * 1.02) + (1 << 20)
+        if self.preflight:
+            self._check_space(tmp)
+        try:
+            if self.async_save:
+                from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
-                                 async_checkpointer_type=AsyncCheckpointerType.THREAD)
-            self._pending = (self._digest_when_written(fut, tmp), tmp, final, trainer_state)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp))
-            self._commit(tmp, final, trainer_state, self._own_digests(tmp))
+                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
+                                     async_checkpointer_type=AsyncCheckpointerType.THREAD)
+                self._pending = (self._digest_when_written(fut, tmp), tmp, final, trainer_state)
+            else:
+                dcp.save(state, checkpoint_id=str(tmp))
+                self._commit(tmp, final, trainer_state, self._own_digests(tmp))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - classified, cleaned up, re-raised
+            self._failed_save(tmp, e)
         self.last_blocking_s = time.perf_counter() - t0
+
+    def _check_space(self, tmp: Path) -> None:
+        """Collective: refuse a save the filesystem cannot hold, before writing a byte."""
+        problem = None
+        need = self._last_need
+        if self.rank == 0:
+            free = shutil.disk_usage(self.root).free
+            if free < need:
+                problem = (f"checkpoint {tmp.with_suffix('')} not saved: it needs ~{need / 1e9:.2f} GB and "
+                           f"{self.root} has {free / 1e9:.2f} GB free; {self._previous()}. Free space (or lower "
+                           "checkpoint.keep_last), or set trainer.run_dir on a larger filesystem")
+        problem = broadcast_object(problem)
+        if problem:
+            raise _collective(CheckpointError(problem))
+
+    def _previous(self) -> str:
+        latest = list_checkpoints(self.root)
+        return f"the previous checkpoint {latest[-1][1]} is intact" if latest else "no earlier checkpoint exists"
+
+    def _failed_save(self, tmp: Path, e: BaseException) -> None:
+        """A save failed (DCP raises it on every rank): remove its partial directory, keep the
+        previous checkpoint and ``latest`` as they are, and say why. A full disk or quota is a
+        CheckpointError naming the path and the space; anything else is re-raised. (torch.save's
+        zip writer turns ENOSPC into a RuntimeError, so a filesystem left without free space
+        counts as full too.)"""
+        free = shutil.disk_usage(self.root).free
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        full = _disk_full(e)
+        if full is None and free >= max(1 << 20, self._last_need // 100):
+            raise e
+        why = os.strerror(full.errno) if full is not None else f"the filesystem filled up ({free / 1e6:.1f} MB left)"
+        raise _collective(CheckpointError(
+            f"checkpoint {tmp.with_suffix('')} not saved: {why} on {self.root} (it needs ~{self._last_need / 1e9:.2f} "
+            f"GB, {shutil.disk_usage(self.root).free / 1e9:.2f} GB free once its partial files were removed); "
+            f"{self._previous()}. Free space or raise the quota, then restart the job (it resumes)")) from e
 
     def wait(self) -> None:
         """Finish an in-flight async save (collective when one is pending)."""
@@ -295,7 +373,11 @@ class Checkpointer:
             return
         fut, tmp, final, trainer_state = self._pending
         self._pending = None
-        self._commit(tmp, final, trainer_state, fut.result())
+        try:
+            digests = fut.result()
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - classified, cleaned up, re-raised
+            self._failed_save(tmp, e)
+        self._commit(tmp, final, trainer_state, digests)
 
     def close(self, *, failed: bool = False, timeout_s: float = 300.0) -> None:
         """Release the checkpointer. Normally: commit an in-flight async save (collective).
@@ -347,8 +429,12 @@ class Checkpointer:
             record["seal"] = _seal(record)
             _write_json_atomic(tmp / STATE_FILE, record)
             _fsync_dir(tmp)
+            old = final.with_name(final.name + ".old")
+            if final.exists():  # re-saving a step (the end right after a periodic save): swap, then drop
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
             (self.root / "latest.tmp").write_text(final.name + "\n")
             os.replace(self.root / "latest.tmp", self.root / "latest")
             self._prune()
