@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dist_helpers as h
-from trainer.checkpoint import Checkpointer, CheckpointError, list_checkpoints, verify_checkpoint
+from trainer.checkpoint import Checkpointer, CheckpointError, verify_checkpoint
 
 
 @pytest.fixture
