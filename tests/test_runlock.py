@@ -41,7 +41,8 @@ def test_second_job_is_refused_and_a_killed_jobs_lock_is_taken_over(tmp_path):
     assert f"took over the run lock of host {socket.gethostname()} pid {holder['pid']}: pid {holder['pid']} is " \
            "not running" in text
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "event"' in x]
-    assert [e["event"] for e in events] == ["run_lock_taken_over"]
+    # (a "checkpoint_refused" event too when the kill landed inside a save: its .tmp is ignored)
+    assert [e["event"] for e in events].count("run_lock_taken_over") == 1
     assert third.returncode == 0 and not lock.exists()  # released at the end
 
 
