@@ -77,7 +77,8 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def start(run_dir: Path, nproc: int, overrides: list[str] = ()) -> subprocess.Popen:
+def start(run_dir: Path, nproc: int, overrides: list[str] = (), env: dict[str, str] | None = None
+          ) -> subprocess.Popen:
     """Start a run in a new session (its own process group: os.killpg reaches every rank).
     Output goes to <run_dir>/../<name>.launch-<n>.log (read it with launch_log)."""
     run_dir = Path(run_dir)
@@ -85,7 +86,8 @@ def start(run_dir: Path, nproc: int, overrides: list[str] = ()) -> subprocess.Po
     n = len(list(run_dir.parent.glob(f"{run_dir.name}.launch-*.log")))
     log_path = run_dir.parent / f"{run_dir.name}.launch-{n}.log"
     out = open(log_path, "w")  # noqa: SIM115 - closed by the child exit; the fd is inherited
-    proc = subprocess.Popen(command(run_dir, nproc, overrides), cwd=REPO, env=worker_env(), stdout=out,
+    proc = subprocess.Popen(command(run_dir, nproc, overrides), cwd=REPO, env={**worker_env(), **(env or {})},
+                            stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_path = log_path  # type: ignore[attr-defined]
     out.close()

@@ -13,6 +13,7 @@ import random
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,42 @@ def test_rng_entry_saved_on_another_device_kind_loads(tmp_path, monkeypatch):
             assert torch.equal(v, weights[k])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["load", "eval", "save", "async_save"])
+def test_a_signal_at_any_moment_ends_at_a_committed_step_and_resumes_bitwise(moment, tmp_path):
+    """SIGUSR1 to both ranks while the data loads, during an evaluation, between a checkpoint's
+    write and its commit, and while an async save writes in the background (then a second
+    signal, SIGTERM, during the same save). The process is held at that point
+    (ARENA_TRAINER_PAUSE_AT) so the signal lands there. Every run exits 0 with a committed,
+    verified checkpoint at a step boundary and `.preempted`, and the restarted run ends bitwise
+    equal to an uninterrupted one with the same options."""
+    from trainer.runtime import PAUSE_ENV
+
+    eval_csv = h.REPO.parent / "shared" / "fixtures" / "arena" / "eval.csv"
+    opts = {"load": DROP, "save": DROP, "async_save": [*DROP, "checkpoint.async_save=true"],
+            "eval": [*DROP, f"data.eval_path={eval_csv}", "data.limit_eval_rows=16", "trainer.eval_every=2"]}[moment]
+    reference = h.shared_run(2, opts if moment == "eval" else DROP)  # async saves hold the same bytes
+    run_dir = tmp_path / "run"
+    point = "save" if moment == "async_save" else moment
+    proc = h.start(run_dir, 2, opts, env={PAUSE_ENV: f"{point}=1.5"})
+    rank0_log = run_dir / "logs" / "rank-0.log"
+    h.wait_for(lambda: rank0_log.is_file() and f"pausing at {point}" in rank0_log.read_text(), proc=proc)
+    for pid in h.rank_pids(proc):
+        os.kill(pid, signal.SIGUSR1)
+    if point == "save":  # a second signal while the same save is still in progress
+        time.sleep(0.3)
+        for pid in h.rank_pids(proc):
+            os.kill(pid, signal.SIGTERM)
+    assert h.wait(proc) == 0, h.log_text(proc)[-3000:]
+    stopped = int((run_dir / ".preempted").read_text())
+    assert stopped >= 1 and h.latest_checkpoint(run_dir).name == f"step-{stopped:08d}"
+    verify_checkpoint(h.latest_checkpoint(run_dir), contents=True)
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    if moment == "load":
+        assert stopped == 1  # the signal came before any step: the first step ends the run
+
+    proc = h.run(run_dir, 2, opts)
+    assert _resumed_step(proc) == stopped
+    _assert_bitwise_same_run(run_dir, reference)

@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .distributed import all_gather_objects, barrier, broadcast_object
 from .errors import CheckpointError
+from .runtime import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +325,10 @@ class Checkpointer:
                 fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
                                      async_checkpointer_type=AsyncCheckpointerType.THREAD)
                 self._pending = (self._digest_when_written(fut, tmp), tmp, final, trainer_state)
+                pause_point("save")  # (tests) a signal while the background write runs
             else:
                 dcp.save(state, checkpoint_id=str(tmp))
+                pause_point("save")  # (tests) a signal between the write and the commit
                 self._commit(tmp, final, trainer_state, self._own_digests(tmp))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - classified, cleaned up, re-raised
             self._failed_save(tmp, e)

@@ -15,6 +15,12 @@ import torch
 from .config import PROJECT_ROOT
 from .distributed import DistInfo, all_reduce_max, broadcast_object
 
+log = logging.getLogger(__name__)
+
+# Fault-injection for tests: ARENA_TRAINER_PAUSE_AT="save=3" holds the process 3 s at that
+# point (load: before the data loads; eval: before an evaluation; save: after a checkpoint's
+# write was issued, before its commit), so a test can land a signal exactly there.
+PAUSE_ENV = "ARENA_TRAINER_PAUSE_AT"
 STOP_FILE = "STOP"  # touch <run_dir>/STOP to ask a running job to checkpoint and exit
 PREEMPTED_MARKER = ".preempted"  # written when a job stopped early on request (requeue me)
 DONE_MARKER = ".done"  # written when training finished
@@ -63,6 +69,17 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
         root.addHandler(shared)
     for noisy in ("urllib3", "filelock", "wandb", "git", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def pause_point(where: str) -> None:
+    """Sleep here if ``ARENA_TRAINER_PAUSE_AT`` names this point (tests only; see PAUSE_ENV)."""
+    import os
+
+    for item in os.environ.get(PAUSE_ENV, "").split(","):
+        name, _, seconds = item.partition("=")
+        if name.strip() == where and seconds:
+            log.info("pausing at %s for %s s (%s)", where, seconds, PAUSE_ENV)
+            time.sleep(float(seconds))
 
 
 def seed_everything(seed: int) -> None:

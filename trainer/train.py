@@ -37,7 +37,7 @@ from .metrics import LossBuffer
 from .optim import build_optimizer, build_scheduler_from_cfg
 from .parallel import build_mesh, local_state_bytes
 from .runlock import RunDirInUse, RunLock
-from .runtime import (DONE_MARKER, PREEMPTED_MARKER, STOP_FILE, PreemptionWatcher, resolve_run_dir,
+from .runtime import (DONE_MARKER, PREEMPTED_MARKER, STOP_FILE, PreemptionWatcher, pause_point, resolve_run_dir,
                       seed_everything, setup_logging)
 from .tracking import MetricsLogger, progress
 
@@ -120,6 +120,7 @@ class Trainer:
 
         self.task = resolve_task(dcfg, self.info)
         log.info("task: %s", self.task.describe())
+        pause_point("load")
         self.train_ds = load_split(dcfg, self.task, "train", self.info, seed=tcfg.seed)
         self.eval_ds = load_split(dcfg, self.task, "eval", self.info, seed=tcfg.seed) \
             if has_split(dcfg, "eval") else None
@@ -377,6 +378,7 @@ class Trainer:
         out_path = None
         if self.cfg.trainer.write_eval_predictions:
             out_path = self.run_dir / "eval" / f"predictions-step-{self.step:08d}.csv"
+        pause_point("eval")
         metrics = evaluate(self.model, self.eval_ds, self.info, self.task,
                            max_tokens=self.cfg.data.eval_max_tokens or self.cfg.data.max_tokens,
                            predictions_path=out_path)
