@@ -88,7 +88,10 @@ class DataConfig:
     # No eval file: hold out this seeded, label-stratified share of the training file (0.2 = 80/20).
     eval_fraction: Optional[float] = None
     prompt_layout: str = "interleaved"  # arena: interleaved | sequential
-    swap_ab: bool = False  # arena: A/B swap augmentation, doubles the training rows
+    # arena A/B swap augmentation: none | double (each row and its swapped twin, shuffled
+    # independently: the epoch is twice as long) | full (as double, but each row and its twin in
+    # the same optimizer step). true / false are aliases of double / none.
+    swap_ab: Any = "none"
     text_column: str = "text"  # text_classification: the text to classify
     label_column: str = "label"  # text_classification: class name or integer per row
     class_names: Optional[list[str]] = None  # text_classification: null = sorted labels of the training file
@@ -98,6 +101,16 @@ class DataConfig:
     num_workers: int = 0  # tokenization worker processes (0 = in-process)
     loader_workers: int = 0  # DataLoader workers that collate micro-batches ahead
     cache_dir: str = "${project_root:}/.cache/tokenized"
+
+
+@dataclass
+class LossConfig:
+    # ce: cross entropy on the (possibly soft) labels. distill: (1 - teacher_weight) x that +
+    # teacher_weight x temperature^2 x KL(teacher_T || student_T), where _T is softmax(log p / T)
+    # and the teacher's p comes from the rows' teacher_<class> columns (docs/recipe.md).
+    kind: str = "ce"  # ce | distill
+    teacher_weight: float = 0.5
+    temperature: float = 1.0
 
 
 @dataclass
@@ -213,6 +226,7 @@ class Config:
     experiment: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -232,6 +246,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.compile_backend": ("inductor", "aot_eager", "eager"),
     "data.on_bad_row": ("error", "skip"),
     "data.prompt_layout": ("interleaved", "sequential"),
+    "loss.kind": ("ce", "distill"),
     "optim.name": ("anyprecision_adamw", "adamw"),
     "optim.decay": ("linear", "cosine", "constant"),
     "optim.momentum_dtype": ("float32", "bfloat16", "float16"),
@@ -321,8 +336,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'data.eval_fraction' = {d.eval_fraction} holds rows out of the training file "
                           f"only without an eval file, but data.eval_path = {d.eval_path}: set data.eval_path=null "
                           "(or drop data.eval_fraction)")
-    if d.swap_ab and d.task != "arena":
-        raise ConfigError(f"config key 'data.swap_ab' = true: task {d.task} has no A/B swap (set data.swap_ab=false)")
+    swap = swap_mode(d.swap_ab)
+    if swap != "none" and d.task != "arena":
+        raise ConfigError(f"config key 'data.swap_ab' = {d.swap_ab}: task {d.task} has no A/B swap "
+                          "(set data.swap_ab=none)")
+    if swap == "full" and d.global_batch_rows % 2:
+        raise ConfigError(f"config key 'data.global_batch_rows' = {d.global_batch_rows} with data.swap_ab=full: each "
+                          "step holds whole pairs (a row and its A/B-swapped twin), so it must be even")
+    if not 0.0 <= cfg.loss.teacher_weight <= 1.0:
+        raise ConfigError(f"config key 'loss.teacher_weight' must be in [0, 1], got {cfg.loss.teacher_weight}")
+    if not cfg.loss.temperature > 0:
+        raise ConfigError(f"config key 'loss.temperature' must be > 0, got {cfg.loss.temperature}")
     if d.class_names is not None and d.task != "text_classification":
         raise ConfigError(f"config key 'data.class_names' is for data/task=text_classification (task is {d.task})")
     _validate_adapter(m.adapter)
@@ -332,6 +356,20 @@ def validate(cfg: DictConfig) -> None:
     if m.query_pre_attn_scalar is None and not m.name_or_path:
         raise ConfigError("config key 'model.query_pre_attn_scalar' = null means 'keep the checkpoint's value' and "
                           "needs model.name_or_path; set a number to train from scratch")
+
+
+SWAP_MODES = ("none", "double", "full")
+_SWAP_ALIASES = {True: "double", False: "none", "true": "double", "false": "none"}
+
+
+def swap_mode(value: Any) -> str:
+    """``data.swap_ab`` as one of SWAP_MODES (true / false are aliases of double / none)."""
+    key = value.strip().lower() if isinstance(value, str) else value
+    mode = _SWAP_ALIASES.get(key, key) if isinstance(key, (bool, str)) else None
+    if mode not in SWAP_MODES:
+        raise ConfigError(f"config key 'data.swap_ab' = {value!r}: expected one of {list(SWAP_MODES)} "
+                          "(or true / false, aliases of double / none)")
+    return mode
 
 
 def _validate_adapter(a: DictConfig) -> None:

@@ -4,7 +4,8 @@ Every rank calls it with the same arguments and gets the same rows. With a proce
 0 tokenizes first (filling the cache) and the others then read the cache, so a cold start costs
 one tokenization, not world_size of them.
 
-Splits: ``train`` (with ``data.swap_ab`` it also holds the A/B-swapped copy of every row),
+Splits: ``train`` (with ``data.swap_ab=double|full`` it also holds the A/B-swapped copy of
+every row: the original rows first, then their twins in the same order),
 ``eval`` and ``test``. With no eval file and ``data.eval_fraction`` set, ``eval`` is a seeded,
 label-stratified share of the training file held out from ``train`` (the same rows on every
 rank and every resume: a pure function of the file, the fraction and ``trainer.seed``).
@@ -18,8 +19,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .data.sampler import TokenBudgetSampler
 from .data.tokenize import DEFAULT_CACHE_DIR, TokenizedDataset, load_tokenized
 from .distributed import DistInfo, rank0_result
+from .config import swap_mode
 from .errors import ConfigError, DataError
 from .tasks import Task, build_task
 
@@ -93,7 +96,7 @@ def _tokenized(dcfg: Mapping[str, Any], task: Task, path: Path, *, swapped: bool
 def _build(dcfg: Mapping[str, Any], task: Task, split: str, *, swapped: bool | None, seed: int) -> TokenizedDataset:
     train_budget = int(dcfg["max_tokens"])
     eval_budget = int(dcfg.get("eval_max_tokens") or train_budget)
-    augment = split == "train" and swapped is None and bool(dcfg.get("swap_ab"))
+    augment = split == "train" and swapped is None and swap_mode(dcfg.get("swap_ab", "none")) != "none"
     variants = [False, True] if augment else [bool(swapped)]
     if split in ("train", "eval") and holds_out_eval(dcfg):
         path = split_path(dcfg, "train")
@@ -116,7 +119,25 @@ def _build(dcfg: Mapping[str, Any], task: Task, split: str, *, swapped: bool | N
         limit = {"train": dcfg.get("limit_train_rows"), "eval": dcfg.get("limit_eval_rows")}.get(split)
         budget = train_budget if split == "train" else eval_budget
         parts = [take_rows(_tokenized(dcfg, task, path, swapped=v, max_tokens=budget), limit) for v in variants]
-    return parts[0] if len(parts) == 1 else TokenizedDataset.concat(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return TokenizedDataset.concat(_twins_aligned(parts, path))
+
+
+def _twins_aligned(parts: list[TokenizedDataset], path: Path) -> list[TokenizedDataset]:
+    """(originals, twins) with row i of one the twin of row i of the other: a row that only one
+    rendering kept (a bad-row skip, e.g. too long one way round) loses its twin too, logged."""
+    a, b = parts
+    if np.array_equal(a.row_ids, b.row_ids):
+        return parts
+    common = set(a.row_ids.tolist()) & set(b.row_ids.tolist())
+    lost = len(a) + len(b) - 2 * len(common)
+    log.warning("%s: %d row(s) were kept in only one A/B orientation (bad-row skips); their twins are "
+                "dropped too, so every training row has its swapped twin", path, lost)
+    keep = [np.flatnonzero(np.isin(p.row_ids, list(common))) for p in parts]
+    a, b = a.take(keep[0]), b.take(keep[1])
+    order = {rid: i for i, rid in enumerate(b.row_ids.tolist())}
+    return [a, b.take([order[rid] for rid in a.row_ids.tolist()])]
 
 
 def load_split(dcfg: Mapping[str, Any], task: Task, split: str, info: DistInfo | None = None, *,
@@ -153,11 +174,20 @@ def _describe(dcfg: Mapping[str, Any], split: str) -> str:
     return str(dcfg.get(f"{split}_path"))
 
 
+def train_sampler(ds: TokenizedDataset, dcfg: Mapping[str, Any], *, world_size: int, rank: int,
+                  seed: int) -> TokenBudgetSampler:
+    """The training split's sampler: with data.swap_ab=full it keeps each row with its twin
+    (the second half of ``ds``) in the same optimizer step."""
+    return TokenBudgetSampler(ds.lengths, global_batch_rows=dcfg["global_batch_rows"], max_tokens=dcfg["max_tokens"],
+                              world_size=world_size, rank=rank, seed=seed, shuffle=dcfg["shuffle"],
+                              paired=swap_mode(dcfg.get("swap_ab", "none")) == "full")
+
+
 def prepare_splits(dcfg: Mapping[str, Any], task: Task) -> dict[str, TokenizedDataset]:
-    """Tokenize every configured file (and its A/B-swapped rendering when data.swap_ab) into the
+    """Tokenize every configured file (and its A/B-swapped rendering under data.swap_ab) into the
     cache, ahead of a job. Returns the datasets by name (train, train_swapped, eval, ...)."""
     out = {}
-    variants = (False, True) if dcfg.get("swap_ab") else (False,)
+    variants = (False, True) if swap_mode(dcfg.get("swap_ab", "none")) != "none" else (False,)
     for split in SPLITS:
         if not dcfg.get(f"{split}_path"):
             continue

@@ -305,14 +305,12 @@ def activation_bytes(args, tokens: int, dtype: torch.dtype, checkpointing: bool)
 def step_shape(cfg: DictConfig, world: int, steps: int = 32) -> dict[str, Any]:
     """Tokens per GPU per step, micro-batches and sequence lengths per rank, from the training
     file's real lengths and the real sampler at this world size (the first ``steps`` steps)."""
-    from .data.sampler import TokenBudgetSampler
-    from .datasets import load_split, resolve_task
+    from .datasets import load_split, resolve_task, train_sampler
 
     dcfg = cfg.data
     task = resolve_task(dcfg)
     ds = load_split(dcfg, task, "train", None, seed=cfg.trainer.seed)
-    sampler = TokenBudgetSampler(ds.lengths, global_batch_rows=dcfg.global_batch_rows, max_tokens=dcfg.max_tokens,
-                                 world_size=world, rank=0, seed=cfg.trainer.seed, shuffle=dcfg.shuffle)
+    sampler = train_sampler(ds, dcfg, world_size=world, rank=0, seed=cfg.trainer.seed)
     n = min(steps, sampler.steps_per_epoch)
     tokens, micro, fill, seqs = [], [], [], []
     for s in range(n):

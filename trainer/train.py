@@ -18,7 +18,6 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from . import flops as flops_lib
@@ -27,12 +26,12 @@ from .build import architecture_record, build_model, check_same_base
 from .checkpoint import Checkpointer, Stateful, step_dir_name, verify_checkpoint
 from .config import to_container
 from .data.collate import PackedBatch, Step, VarlenCollator, make_step_loader
-from .data.sampler import TokenBudgetSampler
-from .datasets import has_split, load_split, resolve_task
+from .datasets import has_split, load_split, resolve_task, train_sampler
 from .distributed import (DistInfo, all_gather_objects, all_reduce_sum, broadcast_object, destroy_distributed,
                           init_distributed)
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 from .evaluate import evaluate
+from .loss import build_loss
 from .metrics import LossBuffer
 from .optim import build_optimizer, build_scheduler_from_cfg
 from .parallel import build_mesh, local_state_bytes
@@ -70,11 +69,6 @@ class TrainProgress:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step, self.tokens_seen, self.rows_seen = (int(state[k]) for k in ("step", "tokens_seen", "rows_seen"))
-
-
-def _soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-row cross entropy against (possibly soft) label distributions, in fp32."""
-    return -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1)
 
 
 def _grad_norm_and_clip(model: torch.nn.Module, max_norm: float | None) -> float:
@@ -124,9 +118,14 @@ class Trainer:
         self.train_ds = load_split(dcfg, self.task, "train", self.info, seed=tcfg.seed)
         self.eval_ds = load_split(dcfg, self.task, "eval", self.info, seed=tcfg.seed) \
             if has_split(dcfg, "eval") else None
-        self.sampler = TokenBudgetSampler(
-            self.train_ds.lengths, global_batch_rows=dcfg.global_batch_rows, max_tokens=dcfg.max_tokens,
-            world_size=self.info.world_size, rank=self.info.rank, seed=tcfg.seed, shuffle=dcfg.shuffle)
+        self.loss = build_loss(cfg.loss)
+        if self.loss.needs_teacher and self.train_ds.teacher is None:
+            raise DataError(f"data.train_path={dcfg.train_path}: loss.kind=distill needs the teachers' probabilities "
+                            f"in columns {list(self.task.teacher_columns)} (write them with launch.predict "
+                            "out_format=teacher), or set loss.kind=ce")
+        log.info("loss: %s", self.loss.describe())
+        self.sampler = train_sampler(self.train_ds, dcfg, world_size=self.info.world_size, rank=self.info.rank,
+                                     seed=tcfg.seed)
         steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = steps_per_epoch * tcfg.epochs
         if tcfg.max_steps:
@@ -247,7 +246,7 @@ class Trainer:
         for mb in micro_batches:
             batch = mb.to(dev, non_blocking=True)
             logits = model(**batch.inputs)
-            per_row = _soft_cross_entropy(logits, batch.labels) * batch.weights
+            per_row = self.loss(logits, batch.labels, batch.teacher) * batch.weights
             (per_row.sum() * (world / rows_in_step)).backward()
             per_row = per_row.detach()
             loss_sum += per_row.double().sum()

@@ -22,6 +22,7 @@ class Item(NamedTuple):
     label: np.ndarray | None
     row_id: Any
     weight: float
+    teacher: np.ndarray | None = None  # teacher probabilities (loss.kind=distill)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PackedBatch:
     row_ids: list  # dataset row ids, for error messages and per-row predictions
     seq_lens: list[int]  # host copy of the lengths: token counts and FLOPs without a device sync
     text: list[str] | None = None  # decoded rows (debugging only)
+    teacher: torch.Tensor | None = None  # [B, num_labels] float32 teacher probabilities, when the rows have them
 
     @property
     def batch_size(self) -> int:
@@ -48,14 +50,14 @@ class PackedBatch:
             return v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
 
         return replace(self, inputs={k: move(v) for k, v in self.inputs.items()}, labels=move(self.labels),
-                       weights=move(self.weights))
+                       weights=move(self.weights), teacher=move(self.teacher))
 
     def pin_memory(self) -> "PackedBatch":  # called by DataLoader(pin_memory=True)
         def pin(v):
             return v.pin_memory() if isinstance(v, torch.Tensor) else v
 
         return replace(self, inputs={k: pin(v) for k, v in self.inputs.items()}, labels=pin(self.labels),
-                       weights=pin(self.weights))
+                       weights=pin(self.weights), teacher=pin(self.teacher))
 
 
 class VarlenCollator:
@@ -77,6 +79,9 @@ class VarlenCollator:
         for b, it in enumerate(items):
             if it.label is not None:
                 label[b] = torch.as_tensor(it.label, dtype=torch.float32)
+        teacher = None
+        if all(it.teacher is not None for it in items):  # a dataset has teacher columns for every row or none
+            teacher = torch.from_numpy(np.stack([np.asarray(it.teacher, dtype=np.float32) for it in items]))
         return PackedBatch(
             inputs={"input_ids": ids.unsqueeze(0), "position_ids": pos.unsqueeze(0), "cu_seqlens": cu,
                     "max_seq_len": max(seq_lens)},
@@ -85,6 +90,7 @@ class VarlenCollator:
             row_ids=[it.row_id.item() if hasattr(it.row_id, "item") else it.row_id for it in items],
             seq_lens=seq_lens,
             text=[self.decode(it.input_ids) for it in items] if self.decode is not None else None,
+            teacher=teacher,
         )
 
 
@@ -98,7 +104,7 @@ class TokenizedTorchDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int) -> Item:
-        return Item(self.data.tokens(i), self.data.label(i), self.data.row_ids[i], 1.0)
+        return Item(self.data.tokens(i), self.data.label(i), self.data.row_ids[i], 1.0, self.data.teacher_probs(i))
 
 
 class _Key(NamedTuple):

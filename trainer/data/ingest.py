@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ SUFFIXES = (".csv", ".jsonl", ".parquet")
 _SNIFF_BYTES = 1 << 16
 
 __all__ = ["BAD_ROW_POLICIES", "BadRow", "DataError", "IngestReport", "RowPolicy", "collect_rows",
-           "has_surrogate", "fix_surrogates", "open_records", "parse_id"]
+           "has_surrogate", "fix_surrogates", "open_records", "optional_columns", "parse_distribution", "parse_id"]
 
 
 @dataclass
@@ -235,6 +236,35 @@ def parse_id(raw: Any) -> int | str:
         return int(s)
     except ValueError:
         return s
+
+
+def parse_distribution(rec: dict, columns: tuple[str, ...], reason: str) -> "numpy.ndarray":  # noqa: F821
+    """float32 [len(columns)]: one probability per column, finite, >= 0, summing to 1 (1e-3).
+    Labels and teacher probabilities are validated alike; ``reason`` is the bad-row counter key."""
+    import numpy as np
+
+    vals = []
+    for name in columns:
+        raw = rec.get(name)
+        try:
+            v = float(raw)
+        except (TypeError, ValueError):
+            raise BadRow(reason, name, f"not a number: {quote(raw, 60)}") from None
+        if not math.isfinite(v) or v < 0:
+            raise BadRow(reason, name, f"value {v} is not a probability")
+        vals.append(v)
+    if abs(sum(vals) - 1.0) > 1e-3:
+        raise BadRow(reason, ",".join(columns), f"values {vals} do not sum to 1")
+    return np.asarray(vals, dtype=np.float32)
+
+
+def optional_columns(path: Path, header: list[str], columns: tuple[str, ...], what: str) -> bool:
+    """True when the file has all of ``columns``, False when none; a file with only some of
+    them is refused (a typo there would otherwise silently drop them all)."""
+    present = [c for c in columns if c in header]
+    if present and len(present) != len(columns):
+        raise DataError(f"{path}: {what} columns incomplete: has {present}, needs {list(columns)}")
+    return bool(present)
 
 
 def check_record(rec: dict) -> None:

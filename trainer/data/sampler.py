@@ -1,7 +1,11 @@
 """Distributed token-budget batch sampler: global steps of G rows, cut into micro-batches.
 
 Per epoch a permutation is drawn from (seed, epoch); step s owns rows perm[s*G:(s+1)*G]
-(the last step owns the remainder). Every rank computes the same plan for the whole step
+(the last step owns the remainder). With ``paired=True`` (``data.swap_ab=full``) the rows are
+an original half and its twin half (row i and row i + N/2: the same comparison with A and B
+exchanged), the permutation is drawn over the N/2 pairs, and step s owns pairs
+perm[s*G/2:(s+1)*G/2], each row with its twin, so every optimizer step holds both
+orientations of each of its comparisons. Every rank computes the same plan for the whole step
 and keeps its own share, so no communication is needed and all ranks agree on the number
 of micro-batches (FSDP collectives must line up). See docs/data.md for the algorithm.
 """
@@ -27,7 +31,7 @@ class MicroBatch:
 
 class TokenBudgetSampler:
     def __init__(self, lengths, *, global_batch_rows: int, max_tokens: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, shuffle: bool = True):
+                 rank: int = 0, seed: int = 0, shuffle: bool = True, paired: bool = False):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1 or len(self.lengths) == 0:
             raise ValueError("lengths must be a non-empty 1-D sequence")
@@ -43,6 +47,11 @@ class TokenBudgetSampler:
         self.num_rows = len(self.lengths)
         self.global_batch_rows, self.max_tokens = int(global_batch_rows), int(max_tokens)
         self.world_size, self.rank, self.seed, self.shuffle = world_size, rank, seed, shuffle
+        self.paired = bool(paired)
+        if self.paired and (self.num_rows % 2 or self.global_batch_rows % 2):
+            raise ValueError(f"paired rows (data.swap_ab=full) need an even row count and an even "
+                             f"global_batch_rows (a row and its twin per pair), got {self.num_rows} rows and "
+                             f"global_batch_rows={self.global_batch_rows}")
         self.steps_per_epoch = math.ceil(self.num_rows / self.global_batch_rows)
         self.epoch = self.step = self.micro = 0  # position of the next micro-batch to train on
         self._plan_cache: dict = {}
@@ -53,10 +62,19 @@ class TokenBudgetSampler:
             return np.arange(self.num_rows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
 
+    def _pair_perm(self, epoch: int) -> np.ndarray:
+        half = self.num_rows // 2
+        if not self.shuffle:
+            return np.arange(half)
+        return np.random.default_rng([self.seed, epoch, 2]).permutation(half)
+
     def step_rows(self, epoch: int, step: int) -> np.ndarray:
         if not 0 <= step < self.steps_per_epoch:
             raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
         g = self.global_batch_rows
+        if self.paired:  # G/2 pairs: each original row followed by its twin
+            pairs = self._pair_perm(epoch)[step * g // 2:(step + 1) * g // 2]
+            return np.stack([pairs, pairs + self.num_rows // 2], axis=1).reshape(-1)
         return self._perm(epoch)[step * g:(step + 1) * g]
 
     def step_num_rows(self, epoch: int, step: int) -> int:
@@ -104,13 +122,15 @@ class TokenBudgetSampler:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
                 "global_batch_rows": self.global_batch_rows, "max_tokens": self.max_tokens,
-                "world_size": self.world_size, "num_rows": self.num_rows, "shuffle": self.shuffle}
+                "world_size": self.world_size, "num_rows": self.num_rows, "shuffle": self.shuffle,
+                "paired": self.paired}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at the saved micro-batch. Rows per step are global, so a different world size
         (or token budget) only changes how future steps are cut: accepted at a step boundary,
         refused mid-step. The row order itself (seed, rows, global batch) must match."""
-        for k in ("num_rows", "global_batch_rows", "seed", "shuffle"):
+        state = {"paired": False, **state}  # checkpoints from before data.swap_ab=full
+        for k in ("num_rows", "global_batch_rows", "seed", "shuffle", "paired"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"sampler state mismatch: saved {k}={state[k]!r}, this run has "
                                  f"{getattr(self, k)!r}; the saved position means nothing here")

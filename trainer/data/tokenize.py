@@ -26,7 +26,7 @@ from trainer.data.render import load_tokenizer, tokenizer_fingerprint
 from trainer.tasks.base import Renderer, Row, Task
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: teacher probabilities
 DEFAULT_CACHE_DIR = Path(os.environ.get("ARENA_DATA_CACHE", Path.home() / ".cache" / "arena-trainer"))
 
 
@@ -40,6 +40,7 @@ class TokenizedDataset:
     report: IngestReport | None = None
     # faults handled while loading, as (event, detail): the trainer logs them to metrics.jsonl
     events: list = field(default_factory=list, compare=False)
+    teacher: np.ndarray | None = None  # [N, num classes] float32 teacher probabilities; None without such columns
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -54,6 +55,9 @@ class TokenizedDataset:
     def label(self, i: int) -> np.ndarray | None:
         return None if self.labels is None else self.labels[i]
 
+    def teacher_probs(self, i: int) -> np.ndarray | None:
+        return None if self.teacher is None else self.teacher[i]
+
     def take(self, indices: Sequence[int] | np.ndarray) -> "TokenizedDataset":
         """The rows at ``indices``, in that order (the report stays the whole file's)."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -61,20 +65,24 @@ class TokenizedDataset:
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
         return TokenizedDataset(self.row_ids[indices], np.concatenate(parts) if parts else self.input_ids[:0],
                                 offsets, None if self.labels is None else self.labels[indices],
-                                self.swapped[indices], self.report, self.events)
+                                self.swapped[indices], self.report, self.events,
+                                None if self.teacher is None else self.teacher[indices])
 
     @staticmethod
     def concat(parts: Sequence["TokenizedDataset"]) -> "TokenizedDataset":
         """E.g. original + swapped copy for A/B augmentation (rows keep their ids)."""
         if len({p.labels is None for p in parts}) > 1:
             raise ValueError("cannot concatenate labelled and unlabelled datasets")
+        if len({p.teacher is None for p in parts}) > 1:
+            raise ValueError("cannot concatenate datasets with and without teacher probabilities")
         starts = np.cumsum([0] + [len(p.input_ids) for p in parts[:-1]])
         offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, starts)])
         return TokenizedDataset(
             np.concatenate([p.row_ids for p in parts]),
             np.concatenate([p.input_ids for p in parts]), offsets,
             None if parts[0].labels is None else np.concatenate([p.labels for p in parts]),
-            np.concatenate([p.swapped for p in parts]), events=[e for p in parts for e in p.events])
+            np.concatenate([p.swapped for p in parts]), events=[e for p in parts for e in p.events],
+            teacher=None if parts[0].teacher is None else np.concatenate([p.teacher for p in parts]))
 
 
 def _file_sha256(path: Path) -> str:
@@ -140,6 +148,8 @@ def _save(path: Path, ds: TokenizedDataset) -> None:
               "report": np.frombuffer(json.dumps(ds.report.to_json()).encode(), dtype=np.uint8)}
     if ds.labels is not None:
         arrays["labels"] = ds.labels
+    if ds.teacher is not None:
+        arrays["teacher"] = ds.teacher
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -158,12 +168,14 @@ def _load(path: Path) -> TokenizedDataset:
         with np.load(path, allow_pickle=False) as z:
             report = IngestReport.from_json(json.loads(z["report"].tobytes().decode()))
             ds = TokenizedDataset(z["row_ids"], z["input_ids"], z["offsets"],
-                                  z["labels"] if "labels" in z else None, z["swapped"], report)
+                                  z["labels"] if "labels" in z else None, z["swapped"], report,
+                                  teacher=z["teacher"] if "teacher" in z else None)
     except Exception as e:  # noqa: BLE001 - zipfile, numpy and json each raise their own
         raise ValueError(f"{type(e).__name__}: {e}") from e
     n, off = len(ds.row_ids), ds.offsets
     if (len(off) != n + 1 or off[0] != 0 or off[-1] != len(ds.input_ids) or np.any(np.diff(off) < 0)
-            or len(ds.swapped) != n or (ds.labels is not None and len(ds.labels) != n)):
+            or len(ds.swapped) != n or (ds.labels is not None and len(ds.labels) != n)
+            or (ds.teacher is not None and len(ds.teacher) != n)):
         raise ValueError("arrays of inconsistent lengths")
     return ds
 
@@ -233,7 +245,8 @@ def load_tokenized(path: str | Path, task: Task, tokenizer_path: str | Path, max
         np.concatenate(seqs),
         np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
         np.stack([r.label for r in rows]).astype(np.float32) if labelled else None,
-        np.full(len(rows), bool(swap_ab)), report)
+        np.full(len(rows), bool(swap_ab)), report,
+        teacher=np.stack([r.teacher for r in rows]).astype(np.float32) if rows[0].teacher is not None else None)
     if cache_file is not None:
         _save(cache_file, ds)
     out = _filter_too_long(ds, max_tokens, on_bad_row, str(path), task.text_fields)

@@ -9,7 +9,6 @@ is the only place that knows it.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,15 @@ from typing import Any
 import numpy as np
 
 from trainer.data.ingest import (BadRow, IngestReport, check_record, collect_rows, fix_surrogates, has_surrogate,
-                                 open_records, parse_id, require_columns)
-from trainer.errors import DataError, quote
+                                 open_records, optional_columns, parse_distribution, parse_id, require_columns)
+from trainer.errors import quote
 from trainer.tasks.arena_prompt import PromptBuilder, template_key
 from trainer.tasks.base import Task
 
 TEXT_FIELDS = ("prompt", "response_a", "response_b")
 LABEL_FIELDS = ("winner_model_a", "winner_model_b", "winner_tie")
 CLASS_NAMES = ("a", "b", "tie")
+TEACHER_FIELDS = tuple(f"teacher_{c}" for c in CLASS_NAMES)  # teacher probabilities (loss.kind=distill)
 REQUIRED = ("id",) + TEXT_FIELDS
 SWAP_AB = (1, 0, 2)  # A/B exchanged: class a <-> b, tie stays
 
@@ -38,12 +38,15 @@ class ArenaRow:
     label: np.ndarray | None  # float32 [3]: P(A wins), P(B wins), P(tie); None for test files
     model_a: str = ""
     model_b: str = ""
+    teacher: np.ndarray | None = None  # float32 [3]: the teachers' probabilities, when the file has them
 
     def swapped(self) -> "ArenaRow":
-        """The same comparison with A and B exchanged (labels follow the answers)."""
+        """The same comparison with A and B exchanged (labels and teacher probabilities follow
+        the answers)."""
         label = None if self.label is None else self.label[list(SWAP_AB)].copy()
+        teacher = None if self.teacher is None else self.teacher[list(SWAP_AB)].copy()
         return ArenaRow(self.id, self.prompt, self.response_b, self.response_a, label,
-                        self.model_b, self.model_a)
+                        self.model_b, self.model_a, teacher)
 
 
 def _parse_turns(name: str, raw: Any) -> list[str]:
@@ -69,23 +72,7 @@ def _parse_turns(name: str, raw: Any) -> list[str]:
     return turns
 
 
-def _parse_label(rec: dict) -> np.ndarray:
-    vals = []
-    for name in LABEL_FIELDS:
-        raw = rec.get(name)
-        try:
-            v = float(raw)
-        except (TypeError, ValueError):
-            raise BadRow("bad_label", name, f"not a number: {quote(raw, 60)}") from None
-        if not math.isfinite(v) or v < 0:
-            raise BadRow("bad_label", name, f"value {v} is not a probability")
-        vals.append(v)
-    if abs(sum(vals) - 1.0) > 1e-3:
-        raise BadRow("bad_label", ",".join(LABEL_FIELDS), f"labels {vals} do not sum to 1")
-    return np.asarray(vals, dtype=np.float32)
-
-
-def parse_record(rec: dict, has_labels: bool) -> ArenaRow:
+def parse_record(rec: dict, has_labels: bool, has_teacher: bool = False) -> ArenaRow:
     check_record(rec)
     for name in REQUIRED:
         if name not in rec:
@@ -103,8 +90,9 @@ def parse_record(rec: dict, has_labels: bool) -> ArenaRow:
         if has_surrogate(m):
             raise BadRow("non_utf8", name, "holds bytes that are not UTF-8")
         models.append(m)
-    label = _parse_label(rec) if has_labels else None
-    return ArenaRow(row_id, texts["prompt"], texts["response_a"], texts["response_b"], label, *models)
+    label = parse_distribution(rec, LABEL_FIELDS, "bad_label") if has_labels else None
+    teacher = parse_distribution(rec, TEACHER_FIELDS, "bad_teacher") if has_teacher else None
+    return ArenaRow(row_id, texts["prompt"], texts["response_a"], texts["response_b"], label, *models, teacher)
 
 
 def read_rows(path: str | Path, on_bad_row: str = "error") -> tuple[list[ArenaRow], IngestReport]:
@@ -116,11 +104,9 @@ def read_rows(path: str | Path, on_bad_row: str = "error") -> tuple[list[ArenaRo
     path = Path(path)
     header, records = open_records(path)
     require_columns(path, header, REQUIRED, " (an Arena file needs id, prompt, response_a, response_b)")
-    present = [c for c in LABEL_FIELDS if c in header]
-    if present and len(present) != len(LABEL_FIELDS):
-        raise DataError(f"{path}: label columns incomplete: has {present}, needs {list(LABEL_FIELDS)}")
-    has_labels = bool(present)
-    return collect_rows(path, records, lambda rec: parse_record(rec, has_labels), on_bad_row)
+    has_labels = optional_columns(path, header, LABEL_FIELDS, "label")
+    has_teacher = optional_columns(path, header, TEACHER_FIELDS, "teacher")
+    return collect_rows(path, records, lambda rec: parse_record(rec, has_labels, has_teacher), on_bad_row)
 
 
 class ArenaTask(Task):

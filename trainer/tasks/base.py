@@ -20,6 +20,7 @@ from trainer.data.ingest import IngestReport
 class Row(Protocol):
     id: int | str
     label: np.ndarray | None  # float32 [num classes], a distribution; None in unlabelled files
+    teacher: np.ndarray | None  # float32 [num classes]: teacher probabilities (teacher_<class> columns), or None
 
 
 class Renderer(Protocol):
@@ -40,6 +41,12 @@ class Task(ABC):
     def output_columns(self) -> tuple[str, ...]:
         """One probability column per class in predictions and submissions; the HF id2label."""
         return self.class_names
+
+    @property
+    def teacher_columns(self) -> tuple[str, ...]:
+        """Optional columns with the teachers' probability per class (``loss.kind=distill``);
+        validated like labels (finite, >= 0, summing to 1) under the same bad-row policy."""
+        return tuple(f"teacher_{c}" for c in self.class_names)
 
     @property
     def num_classes(self) -> int:

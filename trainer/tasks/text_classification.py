@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from trainer.data.ingest import (BadRow, IngestReport, check_record, collect_rows, fix_surrogates, has_surrogate,
-                                 open_records, parse_id, require_columns)
+                                 open_records, optional_columns, parse_distribution, parse_id,
+                                 require_columns)
 from trainer.data.render import BOS_ID, text_backend
 from trainer.errors import ConfigError, DataError, quote
 from trainer.tasks.base import Task
@@ -35,6 +36,7 @@ class TextRow:
     id: int | str
     text: str
     label: np.ndarray | None  # one-hot float32 [num classes]; None in unlabelled files
+    teacher: np.ndarray | None = None  # teacher_<class> probabilities, when the file has them
 
 
 def label_text(raw: Any) -> str | None:
@@ -138,7 +140,7 @@ class TextClassificationTask(Task):
         onehot[index] = 1.0
         return onehot
 
-    def _parse(self, rec: dict, index: int, has_labels: bool, has_ids: bool) -> TextRow:
+    def _parse(self, rec: dict, index: int, has_labels: bool, has_ids: bool, has_teacher: bool = False) -> TextRow:
         check_record(rec)
         if self.text_column not in rec:
             raise BadRow("missing_field", self.text_column, "field absent in this record")
@@ -152,15 +154,18 @@ class TextClassificationTask(Task):
         if not text.strip():
             raise BadRow("empty_text", self.text_column, "the text is empty")
         label = self._label(rec.get(self.label_column)) if has_labels else None
-        return TextRow(row_id, fix_surrogates(text), label)
+        teacher = parse_distribution(rec, self.teacher_columns, "bad_teacher") if has_teacher else None
+        return TextRow(row_id, fix_surrogates(text), label, teacher)
 
     def read(self, path, on_bad_row="error") -> tuple[list[TextRow], IngestReport]:
         path = Path(path)
         header, records = open_records(path)
         require_columns(path, header, [self.text_column], f" (data.text_column={self.text_column!r})")
         has_labels, has_ids = self.label_column in header, "id" in header
+        has_teacher = optional_columns(path, header, self.teacher_columns, "teacher")
         numbered = ((where, dict(rec, __index__=i)) for i, (where, rec) in enumerate(records, start=1))
-        return collect_rows(path, numbered, lambda rec: self._parse(rec, rec["__index__"], has_labels, has_ids),
+        return collect_rows(path, numbered,
+                            lambda rec: self._parse(rec, rec["__index__"], has_labels, has_ids, has_teacher),
                             on_bad_row, row_id=lambda rec: rec.get("id", "") if has_ids else rec["__index__"])
 
     def renderer(self, tokenizer, max_length: int) -> TextRenderer:
