@@ -30,6 +30,14 @@ def _register_resolvers() -> None:
     # `${project_root:}` lets defaults point at ../shared independent of the working directory.
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    if not OmegaConf.has_resolver("required"):
+        # `${required:data.train_path,what it is}`: a preset's value the user must give (a plain
+        # `???` would not replace the value an earlier config group set).
+        OmegaConf.register_new_resolver("required", _required)
+
+
+def _required(key: str, what: str = "") -> str:
+    raise ConfigError(f"config key '{key}' must be set by this preset's user: {key}=...{f' ({what})' if what else ''}")
 
 
 @dataclass
@@ -409,6 +417,7 @@ def config_error(e: BaseException) -> ConfigError:
             else:
                 parts.append(text)
     text = re.sub(r"\s+", " ", "; ".join(p.rstrip(",") for p in parts)).replace(".;", ";")
+    text = text.replace("ConfigError raised while resolving interpolation: ", "")
     key = re.search(r"full_key: ([\w.]+)", text)
     if key and " not in " in text:
         text += _closest(key.group(1))

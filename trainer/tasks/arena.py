@@ -127,6 +127,10 @@ class ArenaTask(Task):
         return LABEL_FIELDS  # Kaggle submission columns
 
     @property
+    def label_columns(self) -> tuple[str, ...]:
+        return LABEL_FIELDS
+
+    @property
     def text_fields(self) -> str:
         return ",".join(TEXT_FIELDS)
 

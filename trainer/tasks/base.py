@@ -43,6 +43,12 @@ class Task(ABC):
         return self.class_names
 
     @property
+    def label_columns(self) -> tuple[str, ...] | None:
+        """The columns that hold a row's label as one probability per class (pseudo-labels are
+        written there), or None when the label is one class name per row."""
+        return None
+
+    @property
     def teacher_columns(self) -> tuple[str, ...]:
         """Optional columns with the teachers' probability per class (``loss.kind=distill``);
         validated like labels (finite, >= 0, summing to 1) under the same bad-row policy."""
