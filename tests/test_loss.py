@@ -75,7 +75,8 @@ def test_distill_without_teacher_and_bad_kind_are_refused():
         RowLoss("kl")
 
 
-@pytest.mark.parametrize("override,key", [("loss.kind=mse", "loss.kind"), ("loss.teacher_weight=1.5", "loss.teacher_weight"),
+@pytest.mark.parametrize("override,key", [("loss.kind=mse", "loss.kind"),
+                                          ("loss.teacher_weight=1.5", "loss.teacher_weight"),
                                           ("loss.temperature=0", "loss.temperature")])
 def test_loss_config_is_validated(override, key):
     from trainer.config import compose
