@@ -181,3 +181,48 @@ def test_predict_user_errors_are_one_line_exit_2(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict_main([f"checkpoint={tmp_path / 'nowhere'}", f"out={tmp_path / 'o.csv'}"])
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_predict_bad_rows_follow_on_bad_row(trained, tmp_path, capsys):
+    """A bad row in the file to score: one line naming file, row, id and field (exit 2), or
+    with data.on_bad_row=skip, scored without it and counted (left out of a pseudo-label file)."""
+    from launch.predict import main as predict_main
+
+    _, run_dir, _ = trained
+    with open(EVAL_CSV, newline="") as f:
+        rows = [r for _, r in zip(range(12), csv.DictReader(f))]
+    rows[3]["response_a"] = "[not json"
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="") as g:
+        w = csv.DictWriter(g, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(SystemExit) as exc:
+        predict_main([f"checkpoint={run_dir}", f"data.test_path={bad}", f"out={tmp_path / 'o.csv'}", "tta=false"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert all(m in err for m in ("bad.csv: row 4", f"id '{rows[3]['id']}'", "field 'response_a'", "bad_json")), err
+    out = tmp_path / "pseudo.csv"
+    res = predict_main([f"checkpoint={run_dir}", f"data.test_path={bad}", f"out={out}", "tta=false",
+                        "data.on_bad_row=skip", "out_format=train"])
+    assert res["rows"] == res["written"] == 11 and res["left_out"] == 1
+    with open(out, newline="") as f:
+        assert [r["id"] for r in csv.DictReader(f)] == [r["id"] for i, r in enumerate(rows) if i != 3]
+
+
+def test_an_ensemble_of_another_task_or_weight_count_is_refused():
+    from types import SimpleNamespace
+
+    from trainer.errors import CheckpointError, ConfigError
+    from trainer.predict import normalised_weights, predict_ensemble
+    from trainer.tasks import ArenaTask, TextClassificationTask
+
+    arena = SimpleNamespace(task=ArenaTask(), checkpoint="runs/a")
+    text = SimpleNamespace(task=TextClassificationTask(class_names=["neg", "pos"]), checkpoint="runs/t")
+    with pytest.raises(CheckpointError, match=r"runs/t was trained on text_classification \(2 classes.*but runs/a"):
+        predict_ensemble([arena, text], info=None)
+    with pytest.raises(ConfigError, match="2 weight"):
+        normalised_weights([1, 2], 3)
+    with pytest.raises(ConfigError, match=">= 0"):
+        normalised_weights([1, -1], 2)
+    assert normalised_weights([3, 1], 2) == [0.75, 0.25] and normalised_weights(None, 4) == [0.25] * 4

@@ -82,12 +82,13 @@ def predict_ensemble(teachers: Sequence, info: DistInfo, *, weights: Sequence[fl
     first = teachers[0]
     task = first.task
     tta = task.tta_permutation is not None if tta is None else tta
-    out: EnsemblePrediction | None = None
-    for k, trained in enumerate(teachers):
+    for trained in teachers[1:]:  # refused before any model is loaded
         if trained.task.record() != task.record():
             raise CheckpointError(f"checkpoint {trained.checkpoint} was trained on {trained.task.describe()} "
                                   f"({trained.task.record()}), but {first.checkpoint} on {task.describe()} "
                                   f"({task.record()}); an ensemble needs the same task and classes")
+    out: EnsemblePrediction | None = None
+    for k, trained in enumerate(teachers):
         model = trained.load_model(info.device)
         ids, probs, labels = predict(model, trained.cfg, task, info, split=split, tta=tta)
         del model  # one teacher in memory at a time
