@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,18 @@ def test_presets_exist():
     assert {"tiny", "gemma2_2b", "gemma2_9b", "gemma2_27b"} <= set(MODELS)
 
 
+# What a preset leaves to its user (``${required:KEY,...}``): composing without it names the key.
+REQUIRED = {"stage2": "data.train_path=pseudo.csv", "stage3": "model.name_or_path=exports/stage2"}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(name):
-    cfg = compose([f"+experiment={name}"])
+    needed = [v for k, v in REQUIRED.items() if name.endswith(k)]
+    if needed:
+        key = needed[0].split("=")[0]
+        with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}' must be set by this preset's user"):
+            compose([f"+experiment={name}"])
+    cfg = compose([f"+experiment={name}", *needed])
     validate(cfg)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # nothing left unresolved
     assert cfg.experiment == name
