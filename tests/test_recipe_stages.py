@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from trainer.config import compose
 from trainer.train import run
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL = ["data.max_length=256", "data.max_tokens=2048", "data.global_batch_rows=16", "data.limit_eval_rows=24",
          "model.hidden_size=32", "model.intermediate_size=64", "model.head_dim=16", "model.query_pre_attn_scalar=16",
@@ -89,6 +93,17 @@ def test_three_stages_end_to_end(stage1, arena_dir):
     predict_main([f"checkpoint=[{runs[0]},{runs[1]}]", "weights=[3,1]", f"data.test_path={pool}", f"out={weighted}"])
     np.testing.assert_allclose(np.array([[float(r[c]) for c in WINNERS] for r in _csv(weighted)]),
                                0.75 * singles[0] + 0.25 * singles[1], atol=1e-7)
+
+    # the same ensemble under torchrun (rows split over 2 ranks): the same file to float precision
+    dist = d / "pseudo-2ranks.csv"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "launch.predict", f"checkpoint=[{runs[0]},{runs[1]}]", f"data.test_path={pool}",
+                           f"out={dist}", "out_format=train"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = _csv(dist)
+    assert [{k: r[k] for k in TEXT} for r in two] == [{k: r[k] for k in TEXT} for r in src]
+    np.testing.assert_allclose(np.array([[float(r[c]) for c in WINNERS] for r in two]), probs, atol=1e-6)
 
     # stage 2 on the pseudo-labelled pool, evaluated on the labelled eval file
     stage2, _ = _train("cpu_demo_stage2", d / "stage2", f"data.train_path={pseudo}")
