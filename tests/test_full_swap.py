@@ -95,6 +95,22 @@ def test_real_arena_rows_train_with_their_twins(tmp_path, arena_dir, tokenizer_d
             np.testing.assert_array_equal(ds.labels[twin], ds.labels[i][[1, 0, 2]])
 
 
+def test_a_row_kept_in_one_orientation_only_loses_its_twin(caplog):
+    from trainer.data.tokenize import TokenizedDataset
+    from trainer.datasets import _twins_aligned
+
+    def ds(ids, swapped):
+        n = len(ids)
+        return TokenizedDataset(np.array(ids), np.arange(3 * n, dtype=np.int32), np.arange(0, 3 * n + 1, 3),
+                                np.eye(3, dtype=np.float32)[np.arange(n) % 3], np.full(n, swapped))
+
+    a, b = _twins_aligned([ds([1, 2, 3, 4], False), ds([4, 1, 3], True)], "f.csv")  # id 2 lost one way round
+    assert a.row_ids.tolist() == b.row_ids.tolist() == [1, 3, 4]
+    assert "1 row(s) were kept in only one A/B orientation" in caplog.text
+    same = [ds([1, 2], False), ds([1, 2], True)]
+    assert _twins_aligned(same, "f.csv") is same
+
+
 # ---- trained: 1 vs 2 ranks, resume ------------------------------------------------------------
 FULL = ["data.swap_ab=full", "trainer.max_steps=4", "data.eval_path=null"]
 

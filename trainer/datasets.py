@@ -21,8 +21,8 @@ import numpy as np
 
 from .data.sampler import TokenBudgetSampler
 from .data.tokenize import DEFAULT_CACHE_DIR, TokenizedDataset, load_tokenized
-from .distributed import DistInfo, rank0_result
 from .config import swap_mode
+from .distributed import DistInfo, rank0_result
 from .errors import ConfigError, DataError
 from .tasks import Task, build_task
 
