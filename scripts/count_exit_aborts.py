@@ -8,11 +8,13 @@ end, one preempted job (SIGUSR1) per ten. About 10-15 s per job on 2 cores.
 (slurm/local-cluster/up.sh, needs root), submits each job with `sbatch -N2 slurm/train.sh`
 (world size 4: 2 nodes x 1 torchrun agent x 2 gloo ranks, the tiny model, 4 steps, a
 checkpoint at the end); every third job gets `scancel --batch --signal=USR1` once training
-runs, so it checkpoints, requeues itself and resumes. Counts abort markers in the job's
+runs, so it checkpoints, requeues itself and resumes; with --term every third other job gets
+`scancel --batch --signal=TERM` (stop, no requeue: a non-zero exit is expected there). Counts
+abort markers in the job's
 output file (train.sh, srun, both torchrun agents and all ranks) and the run's logs, SIGABRT
 exit codes of any allocation's srun, and non-zero exits. The cluster is always torn down.
 
-    .venv/bin/python scripts/count_exit_aborts.py [--jobs 30] [--async-save] [--slurm]
+    .venv/bin/python scripts/count_exit_aborts.py [--jobs 30] [--async-save] [--slurm [--term]]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=30)
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--slurm", action="store_true", help="submit the jobs to the local two-node Slurm cluster")
+    p.add_argument("--term", action="store_true", help="(--slurm) also stop every third job with SIGTERM")
     p.add_argument("--keep", action="store_true", help="(--slurm) keep the cluster state and job outputs")
     a = p.parse_args()
     return count_slurm(a) if a.slurm else count_local(a)
@@ -115,11 +118,12 @@ def _max_step(run_dir: Path) -> int:
     return step
 
 
-def _slurm_job(cluster, root: Path, i: int, preempt: bool, async_save: bool) -> dict:
-    """Submit one train.sh job, preempt it if asked, wait for it; what it left behind."""
+def _slurm_job(cluster, root: Path, i: int, signal_name: str | None, async_save: bool) -> dict:
+    """Submit one train.sh job, send its batch shell ``signal_name`` (USR1: preempt, TERM: stop)
+    once training runs, wait for it; what it left behind."""
     name = f"abort{i}"
     run_dir = root / "runs" / name
-    steps = PREEMPT_STEPS if preempt else STEPS
+    steps = PREEMPT_STEPS if signal_name else STEPS
     overrides = [*SLURM_TINY, f"trainer.max_steps={steps}", f"checkpoint.every_steps={steps}",
                  f"checkpoint.async_save={str(async_save).lower()}"]
     env = {"PYTHONPATH": os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x),
@@ -129,11 +133,11 @@ def _slurm_job(cluster, root: Path, i: int, preempt: bool, async_save: bool) -> 
                          sbatch_args=[*SBATCH_ARGS, f"--job-name={name}"], cwd=root)
     out = root / "logs" / f"{name}-{job}.out"
     signalled = False
-    if preempt:
+    if signal_name:
         deadline = time.monotonic() + JOB_TIMEOUT
         while time.monotonic() < deadline and cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}:
             if _max_step(run_dir) >= 1:
-                signalled = cluster.run(["scancel", "--batch", "--signal=USR1", job]).returncode == 0
+                signalled = cluster.run(["scancel", "--batch", f"--signal={signal_name}", job]).returncode == 0
                 break
             time.sleep(0.2)
     try:
@@ -167,7 +171,7 @@ def count_slurm(a) -> int:
     # A state dir of its own, as tests/slurm_cluster.py makes it: munged (user munge) must reach its logs.
     state_dir = Path(tempfile.mkdtemp(prefix="slurm-cluster-"))
     (root / "logs").mkdir(parents=True)  # train.sh's --output=logs/%x-%j.out, relative to the submit dir
-    aborts = failures = 0
+    aborts = failures = expected = 0
     t_all = time.perf_counter()
     # A SIGTERM (e.g. a timeout around this script) tears the cluster down like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -177,18 +181,21 @@ def count_slurm(a) -> int:
         print(f"cluster up in {time.perf_counter() - t0:.1f} s ({state_dir})", flush=True)
         for i in range(a.jobs):
             t0 = time.perf_counter()
-            preempt = i % 3 == 2
-            r = _slurm_job(cluster, root, i, preempt, a.async_save)
+            sig = "USR1" if i % 3 == 2 else "TERM" if a.term and i % 3 == 1 else None
+            r = _slurm_job(cluster, root, i, sig, a.async_save)
             aborts += r["aborted"]
             failures += r["bad_exit"]
+            expected += r["bad_exit"] and sig == "TERM" and r["signalled"]
             what = ""
-            if preempt:
+            if sig == "USR1":
                 what = f" preempted, requeued {r['restarts']}x" if r["signalled"] else " (USR1 not sent)"
+            elif sig == "TERM":
+                what = " stopped by SIGTERM" if r["signalled"] else " (TERM not sent)"
             print(f"job {i + 1:3d}/{a.jobs}: slurm job {r['job']} {r['state']} exit {r['exit_code']} srun "
                   f"{','.join(map(str, r['srun_rcs'])) or '?'} steps {r['steps']}{what}"
                   f"{'  ABORT ' + ','.join(r['markers']) if r['aborted'] else ''}"
                   f"  {time.perf_counter() - t0:.1f} s", flush=True)
-            if r["aborted"] or r["bad_exit"]:
+            if r["aborted"] or (r["bad_exit"] and sig != "TERM"):
                 print(f"    see {r['out']}", flush=True)
                 a.keep = True
     finally:
@@ -199,6 +206,7 @@ def count_slurm(a) -> int:
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(state_dir, ignore_errors=True)
     print(f"{aborts} abort(s) and {failures} non-zero exit(s) in {a.jobs} Slurm jobs "
+          f"{f'({expected} of them stopped by SIGTERM) ' if a.term else ''}"
           f"({(time.perf_counter() - t_all) / max(a.jobs, 1):.1f} s per job, cluster start included)")
     return 1 if aborts else 0
 
