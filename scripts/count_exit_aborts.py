@@ -10,9 +10,9 @@ end, one preempted job (SIGUSR1) per ten. About 10-15 s per job on 2 cores.
 checkpoint at the end); every third job gets `scancel --batch --signal=USR1` once training
 runs, so it checkpoints, requeues itself and resumes; with --term every third other job gets
 `scancel --batch --signal=TERM` (stop, no requeue: a non-zero exit is expected there). Counts
-abort markers in the job's
-output file (train.sh, srun, both torchrun agents and all ranks) and the run's logs, SIGABRT
-exit codes of any allocation's srun, and non-zero exits. The cluster is always torn down.
+abort markers in the job's output file (train.sh, srun, both torchrun agents and all ranks) and
+the run's logs, SIGABRT exit codes of any allocation's srun, and non-zero exits. The cluster is
+always torn down. About 35-40 s per job (a preempted job, with its requeue, about 60 s).
 
     .venv/bin/python scripts/count_exit_aborts.py [--jobs 30] [--async-save] [--slurm [--term]]
 """
