@@ -96,12 +96,17 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
 
 def destroy_distributed(graceful: bool = True) -> None:
     """Tear the process group (and its subgroups) down. ``graceful=False`` after a failure:
-    the peers may be anywhere, so no barrier is attempted."""
-    if dist.is_initialized():
+    the peers may be anywhere, so no barrier is attempted. The groups are destroyed even when
+    the barrier fails (a peer failed and left): its error is raised after that, so that no
+    live group is left to interpreter teardown."""
+    if not dist.is_initialized():
+        return
+    try:
         if graceful:
             # Every rank leaves its last collective before any rank tears its group down: a
             # peer still talking to a destroyed gloo group was seen to abort at interpreter exit.
             barrier()
+    finally:
         dist.destroy_process_group()
 
 

@@ -136,6 +136,8 @@ class RunLock:
         self._stop.set()
         if self._thread is None:
             return
+        # Joined, not left to interpreter teardown: nothing of the run outlives run().
+        self._thread.join(timeout=5.0)
         self._thread = None
         try:
             if json.loads(self.path.read_text()).get("pid") == self._me["pid"]:
