@@ -17,13 +17,20 @@ Preemption: submitit asks Slurm for SIGUSR2 ahead of the time limit (launcher.si
 The torchrun agents ignore it (SIG_IGN is inherited through exec), the training ranks treat it
 as a stop request; on task 0 submitit calls `TorchrunJob.checkpoint`, which also drops a STOP
 file in the run directory, waits for the ranks to checkpoint and exit, and hands submitit the
-same job to requeue. The requeued job resumes from that checkpoint, in the same run directory
-(fixed at submission) and the same wandb run (its id is in the checkpoint).
+same job to requeue. It hands it back only once every node's torchrun agent has exited: the
+requeue makes Slurm SIGTERM what is left of the job, and an agent still in its exit barrier or
+rendezvous shutdown (the other nodes' tasks get no checkpoint call) would take torch's SIGTERM
+path, which skips the rendezvous cleanup. Each node's task writes
+<run_dir>/.agents/<SLURM_NODEID>.exited when its torchrun exits; task 0 waits for all of them
+(bounded by stop_timeout_s, a WARNING if one is missing). The requeued job resumes from that
+checkpoint, in the same run directory (fixed at submission) and the same wandb run (its id is
+in the checkpoint).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -38,6 +45,9 @@ from omegaconf import OmegaConf
 from launch.cli import entry_point, split_options
 from trainer.config import PROJECT_ROOT, compose, to_container
 from trainer.runtime import PREEMPTED_MARKER, STOP_FILE
+
+log = logging.getLogger(__name__)
+AGENTS_DIR = ".agents"  # <run_dir>/.agents/<SLURM_NODEID>.exited: that node's torchrun has exited
 
 
 def _ignore_user_signals() -> None:  # runs in the child between fork and exec
@@ -75,6 +85,24 @@ def _wait_exited(pid: int, timeout: float) -> bool:
         time.sleep(0.2)
 
 
+def _exited_marker(run_dir: str | Path, node: int | str) -> Path:
+    return Path(run_dir) / AGENTS_DIR / f"{node}.exited"
+
+
+def wait_for_agents(run_dir: str | Path, nnodes: int, deadline: float) -> list[int]:
+    """Wait until every node's `.exited` marker exists or time.monotonic() passes `deadline`;
+    the nodes still missing (empty: all exited). Logs a WARNING when it gives up."""
+    while True:
+        missing = [n for n in range(nnodes) if not _exited_marker(run_dir, n).exists()]
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if missing:
+        log.warning("torchrun agent(s) of node(s) %s had not exited when the stop timeout ran out; "
+                    "requeueing anyway (Slurm will SIGTERM them)", ",".join(map(str, missing)))
+    return missing
+
+
 class TorchrunJob:
     """The submitted callable: one per node, runs torchrun -m launch.train and waits."""
 
@@ -103,18 +131,28 @@ class TorchrunJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         if os.environ.get("SLURM_PROCID", "0") == "0":
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        marker = _exited_marker(run_dir, os.environ.get("SLURM_NODEID", "0"))
+        marker.parent.mkdir(exist_ok=True)
+        marker.unlink(missing_ok=True)  # a previous allocation's
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("RANK", None)  # torchrun sets the ranks' variables itself
         self._proc = subprocess.Popen(self.command(), cwd=str(PROJECT_ROOT), env=env,
                                       preexec_fn=_ignore_user_signals)
-        rc = self._proc.wait()
+        try:
+            rc = self._proc.wait()
+        finally:
+            if self._proc.poll() is not None:  # not when interrupted (task 0's checkpoint writes it then)
+                marker.touch()
         if rc != 0:
             raise RuntimeError(f"torchrun exited with {rc}; see the job log and {run_dir}/logs/")
         result_file = run_dir / "result.json"
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
         if (run_dir / PREEMPTED_MARKER).exists() and os.environ.get("SLURM_PROCID", "0") == "0" \
                 and "SLURM_JOB_ID" in os.environ:
-            # Stopped by a SIGTERM preemption (submitit does not requeue on TERM): requeue ourselves.
+            # Stopped by a SIGTERM preemption (submitit does not requeue on TERM): requeue ourselves,
+            # once the other nodes' agents are out (the requeue SIGTERMs what is left).
+            wait_for_agents(run_dir, int(os.environ.get("SLURM_NNODES", "1")),
+                            time.monotonic() + self.stop_timeout_s)
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
         return result
 
@@ -122,9 +160,15 @@ class TorchrunJob:
         """submitit's hook on the pre-timeout/preemption signal (task 0 only)."""
         import submitit
 
+        deadline = time.monotonic() + self.stop_timeout_s
         (Path(self.run_dir) / STOP_FILE).touch()
-        if self._proc is not None:
-            _wait_exited(self._proc.pid, self.stop_timeout_s)
+        if self._proc is not None and _wait_exited(self._proc.pid, self.stop_timeout_s):
+            marker = _exited_marker(self.run_dir, os.environ.get("SLURM_NODEID", "0"))
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            # submitit requeues when this returns, and Slurm then SIGTERMs the job's remaining
+            # processes: let the other nodes' agents finish their shutdown first.
+            wait_for_agents(self.run_dir, int(os.environ.get("SLURM_NNODES", "1")), deadline)
         fresh = TorchrunJob(self.overrides, self.run_dir, self.nproc_per_node, self.rdzv_port, self.stop_timeout_s)
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 

@@ -14,7 +14,15 @@ abort markers in the job's output file (train.sh, srun, both torchrun agents and
 the run's logs, SIGABRT exit codes of any allocation's srun, and non-zero exits. The cluster is
 always torn down. About 35-40 s per job (a preempted job, with its requeue, about 60 s).
 
-    .venv/bin/python scripts/count_exit_aborts.py [--jobs 30] [--async-save] [--slurm [--term]]
+--submitit: the same cluster, each job submitted with `python -m launch.submit` (submitit, 2
+nodes x 1 task running a torchrun agent x 2 gloo ranks, the tiny model); all but every fourth
+job get `scancel <job> --signal USR2` (what submitit's `job._interrupt(timeout=True)` runs)
+after step 1: task 0's TorchrunJob.checkpoint stops the run, submitit requeues, the job resumes
+to the end. Counts abort markers in submitit's logs of every task (`<folder>/<job>/*_log.*`,
+both allocations) and the run's logs, non-zero exits, and whether the node-1 task / agent saw
+the requeue's SIGTERM ("Bypassing signal SIGTERM", torchrun's "death signal").
+
+    .venv/bin/python scripts/count_exit_aborts.py [--jobs 30] [--async-save] [--slurm [--term] | --submitit]
 """
 
 from __future__ import annotations
@@ -45,10 +53,12 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=30)
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--slurm", action="store_true", help="submit the jobs to the local two-node Slurm cluster")
+    p.add_argument("--submitit", action="store_true",
+                   help="submit the jobs with launch.submit to the local two-node Slurm cluster, preempt with USR2")
     p.add_argument("--term", action="store_true", help="(--slurm) also stop every third job with SIGTERM")
     p.add_argument("--keep", action="store_true", help="(--slurm) keep the cluster state and job outputs")
     a = p.parse_args()
-    return count_slurm(a) if a.slurm else count_local(a)
+    return count_slurm(a) if a.slurm or a.submitit else count_local(a)
 
 
 def count_local(a) -> int:
@@ -160,6 +170,61 @@ def _slurm_job(cluster, root: Path, i: int, signal_name: str | None, async_save:
             "steps": _max_step(run_dir), "out": out}
 
 
+SUBMIT_ARGS = ["launcher.nodes=2", "launcher.gpus_per_node=0", "launcher.nproc_per_node=2",
+               "launcher.cpus_per_task=1", "launcher.timeout_min=30"]
+
+
+def _submitit_job(cluster, root: Path, i: int, preempt: bool, async_save: bool) -> dict:
+    """Submit one job with launch.submit; if `preempt`, USR2 to its steps after step 1 (submitit's
+    `job._interrupt(timeout=True)`): checkpoint, submitit requeue, resume. What it left behind."""
+    name = f"abort{i}"
+    folder, run_dir = root / "submitit" / name, root / "runs" / name
+    steps = PREEMPT_STEPS if preempt else STEPS
+    cmd = [sys.executable, "-m", "launch.submit", "--no-plan", *SLURM_TINY, *SUBMIT_ARGS,
+           f"launcher.folder={folder}", f"launcher.job_name={name}", f"trainer.run_dir={run_dir}",
+           f"trainer.max_steps={steps}", f"checkpoint.every_steps={steps}",
+           f"checkpoint.async_save={str(async_save).lower()}"]
+    env = {"PYTHONPATH": os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x),
+           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=cluster.env(env), capture_output=True, text=True, timeout=120)
+    m = re.search(r"submitted job (\d+) \(slurm\)", proc.stdout)
+    if not m:
+        raise SystemExit(f"launch.submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    job = m.group(1)
+    signalled = False
+    if preempt:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while time.monotonic() < deadline and cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}:
+            if _max_step(run_dir) >= 1:
+                # submitit.SlurmJob._interrupt(timeout=True): USR2 to every process of the job's steps
+                signalled = cluster.run(["scancel", job, "--signal", "USR2"]).returncode == 0
+                break
+            time.sleep(0.2)
+    try:
+        state = cluster.wait(job, timeout=JOB_TIMEOUT)  # lifts the 120 s hold on a requeued job
+    except TimeoutError:
+        cluster.cancel(job)
+        state = "TIMEOUT(count_exit_aborts)"
+    info = cluster.job_info(job)
+    task_logs = {p.name: p.read_text(errors="replace") for p in sorted((folder / job).glob("*_log.*"))}
+    text = "".join(task_logs.values())
+    logs = "".join(f.read_text(errors="replace") for f in sorted((run_dir / "logs").glob("*.log")))
+    logs += (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").exists() else ""
+    markers = sorted({m for m in ABORT_MARKERS if m in text or m in logs})
+    exit_code = info.get("ExitCode", "?")
+    node1 = task_logs.get(f"{job}_1_log.out", "") + task_logs.get(f"{job}_1_log.err", "")
+    node1_sigterm = [what for what, needle in (("submitit:SIGTERM", "Bypassing signal SIGTERM"),
+                                               ("agent:SIGTERM", "SIGTERM death signal"),
+                                               ("torchrun-failed", "torchrun exited with"))
+                     if needle in node1]
+    aborted = bool(markers) or exit_code.endswith(":6")
+    bad_exit = state != "COMPLETED" or exit_code != "0:0"
+    return {"job": job, "state": state, "exit_code": exit_code, "markers": markers, "aborted": aborted,
+            "bad_exit": bad_exit, "restarts": info.get("Restarts", "?"), "signalled": signalled,
+            "steps": _max_step(run_dir), "folder": folder / job, "node1_sigterm": node1_sigterm,
+            "node1": ",".join(node1_sigterm) or "clean"}
+
+
 def _interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -171,7 +236,7 @@ def count_slurm(a) -> int:
     # A state dir of its own, as tests/slurm_cluster.py makes it: munged (user munge) must reach its logs.
     state_dir = Path(tempfile.mkdtemp(prefix="slurm-cluster-"))
     (root / "logs").mkdir(parents=True)  # train.sh's --output=logs/%x-%j.out, relative to the submit dir
-    aborts = failures = expected = 0
+    aborts = failures = expected = sigterm_seen = 0
     t_all = time.perf_counter()
     # A SIGTERM (e.g. a timeout around this script) tears the cluster down like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -181,6 +246,20 @@ def count_slurm(a) -> int:
         print(f"cluster up in {time.perf_counter() - t0:.1f} s ({state_dir})", flush=True)
         for i in range(a.jobs):
             t0 = time.perf_counter()
+            if a.submitit:
+                r = _submitit_job(cluster, root, i, preempt=i % 4 != 3, async_save=a.async_save)
+                aborts += r["aborted"]
+                failures += r["bad_exit"]
+                print(f"job {i + 1:3d}/{a.jobs}: slurm job {r['job']} {r['state']} exit {r['exit_code']} "
+                      f"steps {r['steps']} requeued {r['restarts']}x"
+                      f"{' (USR2 sent)' if r['signalled'] else ''} node-1 task {r['node1']}"
+                      f"{'  ABORT ' + ','.join(r['markers']) if r['aborted'] else ''}"
+                      f"  {time.perf_counter() - t0:.1f} s", flush=True)
+                sigterm_seen += bool(r["node1_sigterm"])
+                if r["aborted"] or r["bad_exit"]:
+                    print(f"    see {r['folder']}", flush=True)
+                    a.keep = True
+                continue
             sig = "USR1" if i % 3 == 2 else "TERM" if a.term and i % 3 == 1 else None
             r = _slurm_job(cluster, root, i, sig, a.async_save)
             aborts += r["aborted"]
@@ -205,7 +284,9 @@ def count_slurm(a) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(state_dir, ignore_errors=True)
-    print(f"{aborts} abort(s) and {failures} non-zero exit(s) in {a.jobs} Slurm jobs "
+    if a.submitit:
+        print(f"node-1 task saw the requeue's SIGTERM in {sigterm_seen} job(s)")
+    print(f"{aborts} abort(s) and {failures} non-zero exit(s) in {a.jobs} {'submitit' if a.submitit else 'Slurm'} jobs "
           f"{f'({expected} of them stopped by SIGTERM) ' if a.term else ''}"
           f"({(time.perf_counter() - t_all) / max(a.jobs, 1):.1f} s per job, cluster start included)")
     return 1 if aborts else 0

@@ -101,3 +101,77 @@ def test_checkpoint_hook_returns_once_torchrun_exits(tmp_path):
     delayed = got["delayed"]
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     assert isinstance(delayed.function, TorchrunJob) and delayed.function.run_dir == str(tmp_path)
+
+
+def test_checkpoint_hook_waits_for_every_nodes_agent(tmp_path, monkeypatch):
+    """Task 0's hook returns (and submitit requeues, which SIGTERMs what is left of the job) only
+    once every node's torchrun agent has exited, i.e. left its `.agents/<node>.exited` marker."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import submitit
+
+    from launch.submit import TorchrunJob
+
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    job = TorchrunJob(["+experiment=cpu_demo"], str(tmp_path), 2, 29500, stop_timeout_s=30)
+    job._proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    job._proc.wait()
+    (tmp_path / ".agents").mkdir()
+    threading.Timer(1.5, (tmp_path / ".agents" / "1.exited").touch).start()  # node 1's agent, later
+    t0 = time.monotonic()
+    delayed = job.checkpoint()
+    assert 1.4 < time.monotonic() - t0 < 10
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert (tmp_path / ".agents" / "0.exited").exists()
+
+
+def test_checkpoint_hook_gives_up_on_a_missing_agent_with_a_warning(tmp_path, monkeypatch, caplog):
+    import subprocess
+    import sys
+    import time
+
+    import submitit
+
+    from launch.submit import TorchrunJob
+
+    monkeypatch.setenv("SLURM_NNODES", "3")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    (tmp_path / ".agents").mkdir()
+    (tmp_path / ".agents" / "2.exited").touch()
+    job = TorchrunJob(["+experiment=cpu_demo"], str(tmp_path), 2, 29500, stop_timeout_s=1)
+    job._proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    job._proc.wait()
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="launch.submit"):
+        delayed = job.checkpoint()
+    assert time.monotonic() - t0 < 5
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert "node(s) 1 had not exited" in caplog.text
+
+
+def test_each_node_marks_its_agent_exited(tmp_path, monkeypatch):
+    """A node's task removes its marker (a previous allocation's) before it starts torchrun and
+    writes it once torchrun has exited, also when torchrun failed."""
+    import sys
+
+    from launch.submit import TorchrunJob
+
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    marker = tmp_path / ".agents" / "1.exited"
+    marker.parent.mkdir()
+    marker.touch()
+    job = TorchrunJob(["+experiment=cpu_demo"], str(tmp_path), 2, 29500)
+    # "torchrun" exits 3 if the stale marker is still there
+    check = f"import os, sys; sys.exit(3 * os.path.exists({str(marker)!r}))"
+    monkeypatch.setattr(TorchrunJob, "command", lambda self: [sys.executable, "-c", check])
+    assert job() == {}
+    assert marker.exists()
+    monkeypatch.setattr(TorchrunJob, "command", lambda self: [sys.executable, "-c", "raise SystemExit(5)"])
+    marker.unlink()
+    with pytest.raises(RuntimeError, match="torchrun exited with 5"):
+        job()
+    assert marker.exists()
