@@ -128,6 +128,29 @@ def _max_step(run_dir: Path) -> int:
     return step
 
 
+def _signal_after_step_1(cluster, job: str, run_dir: Path, scancel: list[str]) -> bool:
+    """Run `scancel` (a signal) once the job has logged step 1; False if it ended before that."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline and cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}:
+        if _max_step(run_dir) >= 1:
+            return cluster.run(scancel).returncode == 0
+        time.sleep(0.2)
+    return False
+
+
+def _wait_job(cluster, job: str) -> str:
+    try:
+        return cluster.wait(job, timeout=JOB_TIMEOUT)  # lifts the 120 s hold on a requeued job
+    except TimeoutError:
+        cluster.cancel(job)
+        return "TIMEOUT(count_exit_aborts)"
+
+
+def _run_logs(run_dir: Path) -> str:
+    logs = "".join(f.read_text(errors="replace") for f in sorted((run_dir / "logs").glob("*.log")))
+    return logs + ((run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").exists() else "")
+
+
 def _slurm_job(cluster, root: Path, i: int, signal_name: str | None, async_save: bool) -> dict:
     """Submit one train.sh job, send its batch shell ``signal_name`` (USR1: preempt, TERM: stop)
     once training runs, wait for it; what it left behind."""
@@ -142,23 +165,12 @@ def _slurm_job(cluster, root: Path, i: int, signal_name: str | None, async_save:
     job = cluster.sbatch(REPO / "slurm" / "train.sh", overrides, env,
                          sbatch_args=[*SBATCH_ARGS, f"--job-name={name}"], cwd=root)
     out = root / "logs" / f"{name}-{job}.out"
-    signalled = False
-    if signal_name:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        while time.monotonic() < deadline and cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}:
-            if _max_step(run_dir) >= 1:
-                signalled = cluster.run(["scancel", "--batch", f"--signal={signal_name}", job]).returncode == 0
-                break
-            time.sleep(0.2)
-    try:
-        state = cluster.wait(job, timeout=JOB_TIMEOUT)  # lifts the 120 s hold on a requeued job
-    except TimeoutError:
-        cluster.cancel(job)
-        state = "TIMEOUT(count_exit_aborts)"
+    signalled = bool(signal_name) and _signal_after_step_1(
+        cluster, job, run_dir, ["scancel", "--batch", f"--signal={signal_name}", job])
+    state = _wait_job(cluster, job)
     info = cluster.job_info(job)
     text = out.read_text(errors="replace") if out.exists() else ""
-    logs = "".join(f.read_text(errors="replace") for f in sorted((run_dir / "logs").glob("*.log")))
-    logs += (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").exists() else ""
+    logs = _run_logs(run_dir)
     # Every allocation's srun status (a requeued job's first one is hidden behind its exit 0).
     srun_rcs = [int(x) for x in re.findall(r"srun exited with (-?\d+)", text)]
     markers = sorted({m for m in ABORT_MARKERS if m in text or m in logs})
@@ -191,25 +203,13 @@ def _submitit_job(cluster, root: Path, i: int, preempt: bool, async_save: bool) 
     if not m:
         raise SystemExit(f"launch.submit failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     job = m.group(1)
-    signalled = False
-    if preempt:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        while time.monotonic() < deadline and cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}:
-            if _max_step(run_dir) >= 1:
-                # submitit.SlurmJob._interrupt(timeout=True): USR2 to every process of the job's steps
-                signalled = cluster.run(["scancel", job, "--signal", "USR2"]).returncode == 0
-                break
-            time.sleep(0.2)
-    try:
-        state = cluster.wait(job, timeout=JOB_TIMEOUT)  # lifts the 120 s hold on a requeued job
-    except TimeoutError:
-        cluster.cancel(job)
-        state = "TIMEOUT(count_exit_aborts)"
+    # submitit.SlurmJob._interrupt(timeout=True): USR2 to every process of the job's steps
+    signalled = preempt and _signal_after_step_1(cluster, job, run_dir, ["scancel", job, "--signal", "USR2"])
+    state = _wait_job(cluster, job)
     info = cluster.job_info(job)
     task_logs = {p.name: p.read_text(errors="replace") for p in sorted((folder / job).glob("*_log.*"))}
     text = "".join(task_logs.values())
-    logs = "".join(f.read_text(errors="replace") for f in sorted((run_dir / "logs").glob("*.log")))
-    logs += (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").exists() else ""
+    logs = _run_logs(run_dir)
     markers = sorted({m for m in ABORT_MARKERS if m in text or m in logs})
     exit_code = info.get("ExitCode", "?")
     node1 = task_logs.get(f"{job}_1_log.out", "") + task_logs.get(f"{job}_1_log.err", "")
