@@ -12,5 +12,14 @@ bash scripts/setup.sh
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   bash slurm/local-cluster/install.sh
 fi
+# Disk: a passing test's files are removed as it ends (pyproject.toml: tmp_path_retention_policy),
+# but the real-width rehearsal holds ~9 GB while it runs. Say what there is, so a full disk is
+# the first thing a failed log shows, not eleven "checkpoint not saved" errors.
+tmp="${TMPDIR:-/tmp}"
+free_gb=$(df -Pk "$tmp" | awk 'NR==2 {printf "%.1f", $4 / 1048576}')
+echo "test.sh: ${free_gb} GB free in $tmp; the suite needs ~10 GB there at its peak"
+if awk -v f="$free_gb" 'BEGIN {exit !(f < 10)}'; then
+  echo "test.sh: warning: less than 10 GB free in $tmp: tests that save checkpoints may fail for space" >&2
+fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "${VENV:-.venv}/bin/python" -m pytest tests "$@"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import scratch
 import text_data
 from trainer.config import compose
 from trainer.errors import CheckpointError, ConfigError
@@ -39,12 +40,12 @@ HF_ARCH = dict(vocab_size=256000, hidden_size=32, intermediate_size=64, num_hidd
 
 
 @pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory):
+def pretrained_run(request, tmp_path_factory):
     """Fine-tune a 2-layer transformers checkpoint (window 16, softcap 20) under model=gemma2_2b
     (26 layers, window 4096, softcap 50 in the yaml)."""
     from transformers import Gemma2Config, Gemma2ForSequenceClassification
 
-    d = tmp_path_factory.mktemp("pretrained")
+    d = scratch.module_dir(request, tmp_path_factory, "pretrained")
     torch.manual_seed(0)
     Gemma2ForSequenceClassification(Gemma2Config(**HF_ARCH)).save_pretrained(d / "hf")
     proc = _launch("launch.train", "+experiment=cpu_demo", "model=gemma2_2b", f"model.name_or_path={d / 'hf'}",
@@ -117,10 +118,10 @@ SHORT = ["+experiment=cpu_demo", "model.hidden_size=32", "model.intermediate_siz
 
 
 @pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
+def small_checkpoint(request, tmp_path_factory):
     from trainer.train import run
 
-    d = tmp_path_factory.mktemp("small")
+    d = scratch.module_dir(request, tmp_path_factory, "small")
     return run(compose(SHORT + [f"trainer.run_dir={d}"])).checkpoint
 
 

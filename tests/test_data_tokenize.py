@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import scratch
 from trainer.data.render import BOS_ID, load_tokenizer
 from trainer.data.tokenize import load_tokenized
 from trainer.errors import DataError
@@ -29,8 +30,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def train_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
+def train_cache(request, tmp_path_factory):
+    d = scratch.module_dir(request, tmp_path_factory, "cache")
     t0 = time.perf_counter()
     ds = load_tokenized(ARENA / "train.csv", ARENA_TASK, TOK, 4096, cache_dir=d, num_workers=2)
     return ds, d, time.perf_counter() - t0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import scratch
 from trainer.config import compose
 from trainer.consolidate import checkpoint_config, load_model_from_checkpoint, resolve_checkpoint
 from trainer.data.collate import Item, VarlenCollator
@@ -28,7 +29,7 @@ TINY = ["+experiment=cpu_demo", "model.hidden_size=32", "model.intermediate_size
 
 @pytest.fixture(scope="module", params=["mlp", "linear"])
 def trained(request, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
+    run_dir = scratch.module_dir(request, tmp_path_factory, f"run-{request.param}")
     result = run(compose(TINY + [f"model.head={request.param}", f"trainer.run_dir={run_dir}"]))
     return request.param, run_dir, result
 

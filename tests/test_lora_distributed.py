@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 import dist_helpers as h
+import scratch
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def test_qlora_killed_resumes_bitwise(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(request, tmp_path_factory):
     """A transformers-layout base of the tiny model's shape (what model.name_or_path reads)."""
     import torch
 
@@ -77,7 +78,7 @@ def base_dir(tmp_path_factory):
     from trainer.model.hf_io import save_pretrained
 
     torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("base")
+    path = scratch.module_dir(request, tmp_path_factory, "base")
     save_pretrained(Gemma2Classifier(ModelArgs(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         head_dim=16, query_pre_attn_scalar=16, sliding_window=128, num_labels=3)), path)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import scratch
 from launch.export import main as export_main
 from launch.predict import main as predict_main
 from launch.train import main as train_main
@@ -22,10 +23,10 @@ EVAL_CSV = "../shared/fixtures/arena/eval.csv"
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
+def lora_run(request, tmp_path_factory):
     from transformers import Gemma2Config, Gemma2ForSequenceClassification
 
-    root = tmp_path_factory.mktemp("peft")
+    root = scratch.module_dir(request, tmp_path_factory, "peft")
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=256000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import scratch
 from launch.export import main as export_main
 from launch.predict import main as predict_main
 from trainer.config import compose
@@ -55,8 +56,8 @@ def _train(experiment: str, run_dir: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory, arena_dir):
-    d = tmp_path_factory.mktemp("recipe")
+def stage1(request, tmp_path_factory, arena_dir):
+    d = scratch.module_dir(request, tmp_path_factory, "recipe")
     teachers = [_train("cpu_demo_stage1", d / f"stage1-seed{s}", "data.limit_train_rows=48", f"trainer.seed={s}")[0]
                 for s in (0, 1)]
     # the unlabelled pool: other rows of the shared train file, without their labels

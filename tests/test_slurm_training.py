@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import scratch
 from slurm_cluster import slurm_cluster  # noqa: F401  (fixture; tests/ is on sys.path)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -190,8 +191,8 @@ def _assert_exact_resume(run_dir: Path, reference_run_dir: Path, signals: set[st
 
 # ---- 1. sbatch slurm/train.sh: the uninterrupted reference --------------------------------------
 @pytest.fixture(scope="module")
-def reference(slurm_cluster, tmp_path_factory):  # noqa: F811
-    submit_dir = tmp_path_factory.mktemp("train-sh")
+def reference(request, slurm_cluster, tmp_path_factory):  # noqa: F811
+    submit_dir = scratch.module_dir(request, tmp_path_factory, "train-sh")
     name = "arena-ref"
     job = _sbatch_train(slurm_cluster, submit_dir, name)
     run_dir = submit_dir / "runs" / f"{name}-{job}"  # train.sh's default: job-id keyed, under the submit dir

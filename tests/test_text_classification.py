@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import scratch
 import text_data
 from trainer.data.render import BOS_ID, load_tokenizer
 from trainer.data.tokenize import load_tokenized
@@ -121,8 +122,8 @@ TEXT = ["+experiment=cpu_demo", "data/task=text_classification", "data.max_lengt
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
+def text_run(request, tmp_path_factory):
+    d = scratch.module_dir(request, tmp_path_factory, "text")
     train = text_data.write(d / "train.csv", text_data.rows(250, 0))
     evaluation = text_data.write(d / "eval.csv", text_data.rows(100, 1))
     proc = subprocess.run([sys.executable, "-m", "launch.train", *TEXT, "trainer.resume=never", f"data.train_path={train}",
