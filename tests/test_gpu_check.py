@@ -23,15 +23,15 @@ def _report(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_cpu_selftest_runs_every_part_in_under_two_minutes(tmp_path):
+def test_cpu_selftest_runs_every_part_within_its_budget(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}  # the interpreter running the suite, wherever its venv is
     proc = subprocess.run(["bash", "scripts/gpu-check.sh", "--cpu-selftest", str(out)], cwd=REPO, text=True,
                           capture_output=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = _report(out)
-    assert report["mode"] == "cpu-selftest" and report["elapsed_s"] < 120, report["elapsed_s"]
-    parts = {p["part"]: p for p in report["parts"]}
+    assert report["mode"] == "cpu-selftest"
+    parts = {p["part"]: p for p in report["parts"]}  # a part over its budget is killed: status "timeout"
     assert list(parts) == ["env", "cuda_tests", "parity", "train", "train_compiled", "bench_2b", "bench_9b", "lora",
                            "planner"]
     ok = ("env", "parity", "train", "train_compiled", "bench_2b", "lora", "planner")

@@ -2,11 +2,14 @@
 transformers wrote as sharded safetensors + index is fine-tuned for 2 steps on 2 gloo ranks in
 bf16 (weights, compute and gradients) with AnyPrecisionAdamW + Kahan (bf16 moments and
 compensation), exported (streamed into bf16 shards + index), and loaded back by transformers:
-its fp32 logits equal ours, and the exported tensors are the checkpoint's, bit for bit.
+its fp32 logits equal ours, and the exported tensors are the checkpoint's, bit for bit. What the
+ranks held (memory.json) is checked against the planner, as tests/test_planner_realwidth.py does
+for 1 rank.
 
 Short text-classification rows (3 classes, <= 32 tokens) keep the bf16 CPU matmuls cheap. Each
-rank peaks near 6 GB (the planner's figure for this config; gloo copies the gathered 1.1 GiB
-embedding around its collectives), so the two ranks need ~13 GB of host memory.
+rank peaks near 7.6 GB (planned: 6.9; gloo copies the gathered 1.1 GiB embedding around its
+collectives), so the two ranks need ~15 GB of host memory, and the run ~9 GB of disk (base,
+checkpoint with bf16 moments and compensation, export), removed when the test passes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import pytest
 import torch
 
 import dist_helpers as h
+import scratch
 import text_data
+from memory_check import assert_planned_memory_matches
 
 pytestmark = [pytest.mark.slow, pytest.mark.realwidth]
 
@@ -26,10 +31,10 @@ WIDTH = dict(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, nu
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(request, tmp_path_factory):
     from transformers import Gemma2Config, Gemma2ForSequenceClassification
 
-    path = tmp_path_factory.mktemp("gemma2-2b-width")
+    path = scratch.module_dir(request, tmp_path_factory, "gemma2-2b-width")
     torch.manual_seed(0)
     config = Gemma2Config(**WIDTH, num_labels=3, pad_token_id=0)
     model = Gemma2ForSequenceClassification(config).to(torch.bfloat16)
@@ -43,15 +48,18 @@ def test_two_rank_bf16_finetune_exports_what_transformers_reads(base, tmp_path):
     assert len(set(index["weight_map"].values())) > 1  # transformers wrote shards + index
     run_dir = tmp_path / "run"
     train = text_data.write(tmp_path / "train.csv", text_data.rows(8, seed=0, classes=text_data.CLASSES[:3]))
-    h.run(run_dir, 2, [f"model.name_or_path={base}", "model.head=linear", "model.dtype=bfloat16",
-                       "parallel.param_dtype=bfloat16", "parallel.reduce_dtype=bfloat16",
-                       "optim.use_kahan_summation=true", "optim.momentum_dtype=bfloat16",
-                       "optim.variance_dtype=bfloat16", "model.query_pre_attn_scalar=null",
-                       "data/task=text_classification", f"data.train_path={train}", "data.limit_train_rows=null",
-                       "data.max_length=32", "data.max_tokens=64", "data.global_batch_rows=4",
-                       "trainer.max_steps=2", "checkpoint.every_steps=null", "optim.lr=1e-4"], timeout=600)
+    overrides = [f"model.name_or_path={base}", "model.head=linear", "model.dtype=bfloat16",
+                 "parallel.param_dtype=bfloat16", "parallel.reduce_dtype=bfloat16",
+                 "optim.use_kahan_summation=true", "optim.momentum_dtype=bfloat16",
+                 "optim.variance_dtype=bfloat16", "model.query_pre_attn_scalar=null",
+                 "data/task=text_classification", f"data.train_path={train}", "data.limit_train_rows=null",
+                 "data.max_length=32", "data.max_tokens=64", "data.global_batch_rows=4",
+                 "trainer.max_steps=2", "checkpoint.every_steps=null", "optim.lr=1e-4"]
+    h.run(run_dir, 2, overrides, timeout=600)
     losses = h.losses(run_dir)
     assert sorted(losses) == [1, 2] and all(map(lambda x: x == x, losses.values()))
+    # what the 2 ranks held is what the planner said (its 2-rank check, tests/test_planner_realwidth.py)
+    assert_planned_memory_matches(run_dir, overrides, 2)
 
     from launch.export import main as export_main
 
