@@ -58,3 +58,35 @@ def test_wandb_offline_history_and_resume(tmp_path, monkeypatch):
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert b"secret-should-never-be-written" not in f.read_bytes(), f
+
+
+def test_a_run_inside_a_longer_lived_process_gives_the_root_logger_back(tmp_path):
+    """run() installs console and file handlers for its run directory; when it returns, the root
+    logger has its own handlers and level back and nothing writes into the run directory (a file
+    handler left behind reopens its file once something closes it, e.g. logging.config, and raises
+    when the directory is gone: that broke 11 later tests when a module's runs were cleaned up)."""
+    import logging
+
+    root = logging.getLogger()
+    mine = logging.Handler(logging.DEBUG)
+    seen: list[str] = []
+    mine.emit = lambda record: seen.append(record.getMessage())
+    root.addHandler(mine)
+    level = root.level
+    before = list(root.handlers)
+    try:
+        root.setLevel(logging.ERROR)
+        runs = [tmp_path / "first", tmp_path / "second"]
+        for run_dir in runs:
+            run(compose(TINY + [f"trainer.run_dir={run_dir}", "trainer.max_steps=1", "trainer.eval_every=null",
+                                "checkpoint.every_steps=null", "logging.wandb.mode=disabled"]))
+            assert root.handlers == before and root.level == logging.ERROR
+            assert not [h for h in root.handlers if str(run_dir) in str(getattr(h, "baseFilename", ""))]
+        first_log = (runs[0] / "train.log").read_text()
+        assert "step 1/1" in first_log and str(runs[1]) not in first_log  # the second run wrote its own
+        logging.getLogger("trainer.train").error("after the runs")
+        assert seen == ["after the runs"]  # to the process's own handler, not into a run directory
+        assert all("after the runs" not in (d / "train.log").read_text() for d in runs)
+    finally:
+        root.removeHandler(mine)
+        root.setLevel(level)

@@ -46,9 +46,21 @@ def resolve_run_dir(run_dir: str | None, experiment: str, info: DistInfo) -> Pat
     return path
 
 
+# What setup_logging replaced, so that restore_logging can put it back: a run inside a longer-lived
+# process (tests, a notebook, a sweep) must not leave handlers writing into its run directory.
+_saved_logging: tuple[list[logging.Handler], int, list[logging.Handler]] | None = None
+
+
 def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
-    """Rank 0 logs to the console and train.log; every rank keeps logs/rank-N.log."""
+    """Rank 0 logs to the console and train.log; every rank keeps logs/rank-N.log. The root
+    logger's previous handlers and level come back with restore_logging()."""
+    global _saved_logging
     root = logging.getLogger()
+    if _saved_logging is None:
+        _saved_logging = (list(root.handlers), root.level, [])
+    else:  # a second run in this process without restore_logging in between: close the first's files
+        _close(_saved_logging[2])
+        _saved_logging[2].clear()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(level)
@@ -57,18 +69,48 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
     per_rank = logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")
     per_rank.setFormatter(fmt)
     per_rank.setLevel(level)
-    root.addHandler(per_rank)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     console.setLevel(level if rank == 0 else logging.WARNING)
-    root.addHandler(console)
+    installed: list[logging.Handler] = [per_rank, console]
     if rank == 0:
         shared = logging.FileHandler(run_dir / "train.log")
         shared.setFormatter(fmt)
         shared.setLevel(level)
-        root.addHandler(shared)
+        installed.append(shared)
+    for h in installed:
+        root.addHandler(h)
+    _saved_logging[2].extend(installed)
     for noisy in ("urllib3", "filelock", "wandb", "git", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def restore_logging() -> None:
+    """Remove and close the handlers setup_logging installed and give the root logger back its
+    previous handlers and level; a no-op when nothing is installed. Without it, a closed file
+    handler left on the root logger reopens its file on the next record, and raises once the
+    run directory is gone."""
+    global _saved_logging
+    if _saved_logging is None:
+        return
+    previous, level, installed = _saved_logging
+    _saved_logging = None
+    root = logging.getLogger()
+    for h in installed:
+        root.removeHandler(h)
+    _close(installed)
+    for h in previous:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+
+
+def _close(handlers: list[logging.Handler]) -> None:
+    for h in handlers:
+        try:
+            h.close()
+        except Exception:  # noqa: BLE001 - a handler that cannot flush must not hide the run's outcome
+            pass
 
 
 def pause_point(where: str) -> None:

@@ -37,7 +37,7 @@ from .optim import build_optimizer, build_scheduler_from_cfg
 from .parallel import build_mesh, local_state_bytes
 from .runlock import RunDirInUse, RunLock
 from .runtime import (DONE_MARKER, PREEMPTED_MARKER, STOP_FILE, PreemptionWatcher, pause_point, resolve_run_dir,
-                      seed_everything, setup_logging)
+                      restore_logging, seed_everything, setup_logging)
 from .tracking import MetricsLogger, progress
 
 log = logging.getLogger(__name__)
@@ -459,7 +459,10 @@ def run(cfg: DictConfig, command: str | None = None) -> TrainResult:
             if trainer is not None:
                 trainer.close(failed=not ok)
         finally:
-            destroy_distributed(graceful=ok)
+            try:
+                destroy_distributed(graceful=ok)
+            finally:
+                restore_logging()  # last: the teardown above still logs into the run directory
 
 
 def _jsonable(o: Any) -> Any:
