@@ -85,13 +85,16 @@ def _wait_exited(pid: int, timeout: float) -> bool:
         time.sleep(0.2)
 
 
-def _exited_marker(run_dir: str | Path, node: int | str) -> Path:
+def _exited_marker(run_dir: str | Path, node: int | str | None = None) -> Path:
+    """Node `node`'s marker; this node's (SLURM_NODEID) by default."""
+    node = os.environ.get("SLURM_NODEID", "0") if node is None else node
     return Path(run_dir) / AGENTS_DIR / f"{node}.exited"
 
 
-def wait_for_agents(run_dir: str | Path, nnodes: int, deadline: float) -> list[int]:
-    """Wait until every node's `.exited` marker exists or time.monotonic() passes `deadline`;
-    the nodes still missing (empty: all exited). Logs a WARNING when it gives up."""
+def wait_for_agents(run_dir: str | Path, deadline: float) -> list[int]:
+    """Wait until every node's (SLURM_NNODES) `.exited` marker exists or time.monotonic() passes
+    `deadline`; the nodes still missing (empty: all exited). Logs a WARNING when it gives up."""
+    nnodes = int(os.environ.get("SLURM_NNODES", "1"))
     while True:
         missing = [n for n in range(nnodes) if not _exited_marker(run_dir, n).exists()]
         if not missing or time.monotonic() >= deadline:
@@ -131,7 +134,7 @@ class TorchrunJob:
         run_dir.mkdir(parents=True, exist_ok=True)
         if os.environ.get("SLURM_PROCID", "0") == "0":
             (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        marker = _exited_marker(run_dir, os.environ.get("SLURM_NODEID", "0"))
+        marker = _exited_marker(run_dir)
         marker.parent.mkdir(exist_ok=True)
         marker.unlink(missing_ok=True)  # a previous allocation's
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -151,8 +154,7 @@ class TorchrunJob:
                 and "SLURM_JOB_ID" in os.environ:
             # Stopped by a SIGTERM preemption (submitit does not requeue on TERM): requeue ourselves,
             # once the other nodes' agents are out (the requeue SIGTERMs what is left).
-            wait_for_agents(run_dir, int(os.environ.get("SLURM_NNODES", "1")),
-                            time.monotonic() + self.stop_timeout_s)
+            wait_for_agents(run_dir, time.monotonic() + self.stop_timeout_s)
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
         return result
 
@@ -163,12 +165,12 @@ class TorchrunJob:
         deadline = time.monotonic() + self.stop_timeout_s
         (Path(self.run_dir) / STOP_FILE).touch()
         if self._proc is not None and _wait_exited(self._proc.pid, self.stop_timeout_s):
-            marker = _exited_marker(self.run_dir, os.environ.get("SLURM_NODEID", "0"))
+            marker = _exited_marker(self.run_dir)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
             # submitit requeues when this returns, and Slurm then SIGTERMs the job's remaining
             # processes: let the other nodes' agents finish their shutdown first.
-            wait_for_agents(self.run_dir, int(os.environ.get("SLURM_NNODES", "1")), deadline)
+            wait_for_agents(self.run_dir, deadline)
         fresh = TorchrunJob(self.overrides, self.run_dir, self.nproc_per_node, self.rdzv_port, self.stop_timeout_s)
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 

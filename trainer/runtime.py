@@ -48,6 +48,7 @@ def resolve_run_dir(run_dir: str | None, experiment: str, info: DistInfo) -> Pat
 
 # What setup_logging replaced, so that restore_logging can put it back: a run inside a longer-lived
 # process (tests, a notebook, a sweep) must not leave handlers writing into its run directory.
+# (the root logger's handlers and level before setup_logging, the handlers it installed)
 _saved_logging: tuple[list[logging.Handler], int, list[logging.Handler]] | None = None
 
 
@@ -55,12 +56,9 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
     """Rank 0 logs to the console and train.log; every rank keeps logs/rank-N.log. The root
     logger's previous handlers and level come back with restore_logging()."""
     global _saved_logging
+    restore_logging()  # a second run without a restore in between: close the first's files
     root = logging.getLogger()
-    if _saved_logging is None:
-        _saved_logging = (list(root.handlers), root.level, [])
-    else:  # a second run in this process without restore_logging in between: close the first's files
-        _close(_saved_logging[2])
-        _saved_logging[2].clear()
+    previous, previous_level = list(root.handlers), root.level
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(level)
@@ -80,7 +78,7 @@ def setup_logging(run_dir: Path, rank: int, level: str = "INFO") -> None:
         installed.append(shared)
     for h in installed:
         root.addHandler(h)
-    _saved_logging[2].extend(installed)
+    _saved_logging = (previous, previous_level, installed)
     for noisy in ("urllib3", "filelock", "wandb", "git", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -98,19 +96,14 @@ def restore_logging() -> None:
     root = logging.getLogger()
     for h in installed:
         root.removeHandler(h)
-    _close(installed)
-    for h in previous:
-        if h not in root.handlers:
-            root.addHandler(h)
-    root.setLevel(level)
-
-
-def _close(handlers: list[logging.Handler]) -> None:
-    for h in handlers:
         try:
             h.close()
         except Exception:  # noqa: BLE001 - a handler that cannot flush must not hide the run's outcome
             pass
+    for h in previous:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 
 def pause_point(where: str) -> None:
