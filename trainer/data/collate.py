@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.sampler import TokenBudgetSampler
 from trainer.data.tokenize import TokenizedDataset
+from trainer.data.workers import worker_context
 
 
 class Item(NamedTuple):
@@ -180,6 +181,7 @@ def make_step_loader(dataset: TokenizedDataset | Dataset, sampler: TokenBudgetSa
     loader = DataLoader(_KeyedDataset(dataset), batch_sampler=_KeyBatchSampler(sampler, max_epochs),
                         collate_fn=_TaggedCollate(collator),
                         num_workers=num_workers, pin_memory=pin_memory,
+                        multiprocessing_context=worker_context() if num_workers > 0 else None,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None)
     current: Step | None = None
     for batch, key in loader:

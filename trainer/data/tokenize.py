@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 
 from trainer.data.ingest import BadRow, IngestReport, RowPolicy
 from trainer.data.render import load_tokenizer, tokenizer_fingerprint
+from trainer.data.workers import worker_context
 from trainer.tasks.base import Renderer, Row, Task
 
 log = logging.getLogger(__name__)
@@ -130,10 +130,8 @@ def _tokenize_rows(builder: Renderer, rows: list[Row], num_workers: int,
                 out += builder.build_many(c)
                 bar.update(len(c))
         else:
-            # fork shares the already-built tokenizer with the workers at no cost (loading it
-            # again per worker takes seconds); elsewhere it is pickled.
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ctx.Pool(num_workers, initializer=_init_worker, initargs=(builder,)) as pool:
+            # never fork a process that has threads: see trainer.data.workers
+            with worker_context().Pool(num_workers, initializer=_init_worker, initargs=(builder,)) as pool:
                 for res in pool.imap(_build_chunk, chunks):
                     out += res
                     bar.update(len(res))
