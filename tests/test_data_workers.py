@@ -11,9 +11,10 @@ import threading
 import numpy as np
 import pytest
 
+from test_data_collate import toy_dataset
 from trainer.data.collate import VarlenCollator, make_step_loader
 from trainer.data.sampler import TokenBudgetSampler
-from trainer.data.tokenize import TokenizedDataset, _tokenize_rows
+from trainer.data.tokenize import _tokenize_rows
 
 # module state, as a library's lock would be: each worker process has its own copy
 LOCK = threading.Lock()
@@ -59,10 +60,7 @@ def test_tokenizer_pool_workers_do_not_inherit_a_held_lock(lock_held_by_another_
 
 @pytest.mark.timeout(120)
 def test_dataloader_workers_do_not_inherit_a_held_lock(lock_held_by_another_thread):
-    n = 20
-    ds = TokenizedDataset(np.arange(n), np.arange(4 * n, dtype=np.int32) % 50 + 2,
-                          np.arange(0, 4 * n + 1, 4, dtype=np.int64), np.eye(3, dtype=np.float32)[np.arange(n) % 3],
-                          np.zeros(n, bool))
-    sampler = TokenBudgetSampler(ds.lengths, global_batch_rows=4, max_tokens=8, seed=0)
+    ds = toy_dataset()
+    sampler = TokenBudgetSampler(ds.lengths, global_batch_rows=8, max_tokens=100, seed=5)
     steps = list(make_step_loader(ds, sampler, LockingCollator(3), num_workers=2, max_epochs=1))
-    assert sorted(r for s in steps for mb in s.micro_batches for r in mb.row_ids) == list(range(n))
+    assert sorted(r for s in steps for mb in s.micro_batches for r in mb.row_ids) == sorted(ds.row_ids.tolist())
